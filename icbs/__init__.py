@@ -1,0 +1,1 @@
+"""iCBS: post-training pruning by the iterative Combinatorial Brain Surgeon."""

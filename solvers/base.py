@@ -1,0 +1,88 @@
+"""The solver interface shared by every backend, and the registry behind `get_solver`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from solvers.problem import CardinalityQUBO
+
+
+@dataclass
+class SolveResult:
+    """A feasible answer: `x` (int8, 1 = pruned), its `energy` (const included), and `info`."""
+
+    x: np.ndarray
+    energy: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Solver:
+    """Base class: a `name`, documented parameters with defaults, and `solve`.
+
+    Subclasses implement `_solve(problem, x0, rng)` returning `(x, info)`; `solve` checks the
+    warm start, times the call, verifies feasibility and computes the energy, so every backend
+    returns results of the same shape.
+    """
+
+    name: str = ""
+    # Largest number of variables the backend accepts (None: no limit).
+    max_variables: int | None = None
+
+    def solve(
+        self, problem: CardinalityQUBO, x0: np.ndarray | None = None, seed: int | None = None
+    ) -> SolveResult:
+        import time
+
+        if self.max_variables is not None and problem.n > self.max_variables:
+            raise ValueError(
+                f"solver {self.name!r} accepts at most {self.max_variables} variables, "
+                f"the problem has {problem.n}; use a smaller block size"
+            )
+        if x0 is not None:
+            x0 = problem.check_state(x0, what="warm start x0")
+        rng = np.random.default_rng(seed)
+        start = time.perf_counter()
+        x, info = self._solve(problem, x0, rng)
+        info["wall_time"] = time.perf_counter() - start
+        x = np.asarray(x, dtype=np.int8)
+        if not problem.is_feasible(x):
+            raise RuntimeError(f"solver {self.name!r} returned an infeasible state")
+        return SolveResult(x=x, energy=problem.energy(x), info=info)
+
+    def _solve(
+        self, problem: CardinalityQUBO, x0: np.ndarray | None, rng: np.random.Generator
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+_REGISTRY: dict[str, Callable[..., Solver]] = {}
+
+
+def register(name: str) -> Callable[[type[Solver]], type[Solver]]:
+    """Class decorator: make a solver available as `get_solver(name, **params)`."""
+
+    def wrap(cls: type[Solver]) -> type[Solver]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available() -> list[str]:
+    """Names accepted by `get_solver`."""
+    return sorted(_REGISTRY)
+
+
+def get_solver(name: str, **params: Any) -> Solver:
+    """Build the solver registered under `name` with its parameters."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown solver {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[name](**params)
