@@ -1,0 +1,128 @@
+"""Calibration batches and the passes over them: input statistics, losses, per-sample signals."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from icbs.layer_stats import InputCovariance
+from icbs.layers import PrunableLayer, input_matrix, output_matrix
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def load_batches(calibration: Iterable, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """Materialize `(inputs, targets)` batches on `device`, refusing empty or non-finite data."""
+    batches = []
+    for i, batch in enumerate(calibration):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(f"calibration batch {i} must be an (inputs, targets) pair")
+        inputs, targets = (torch.as_tensor(t).to(device) for t in batch)
+        if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+            raise ValueError(f"calibration batch {i} has NaN or Inf inputs")
+        if len(inputs) == 0:
+            continue
+        batches.append((inputs, targets))
+    if not batches:
+        raise ValueError("calibration data is empty: pass at least one (inputs, targets) batch")
+    return batches
+
+
+def input_statistics(
+    model: nn.Module, layers: list[PrunableLayer], batches: list
+) -> dict[str, InputCovariance]:
+    """X X^T / tokens of every layer's inputs over the calibration batches (no gradients)."""
+    stats = {
+        layer.name: InputCovariance(layer.shape[1], layer.w0.device) for layer in layers
+    }
+
+    def hook(layer: PrunableLayer):
+        return lambda module, args, out: stats[layer.name].add_batch(input_matrix(module, args[0]))
+
+    handles = [layer.module.register_forward_hook(hook(layer)) for layer in layers]
+    try:
+        with torch.no_grad():
+            for inputs, _ in batches:
+                model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def mean_loss(model: nn.Module, batches: list, loss_fn: LossFn) -> float:
+    """The calibration loss, a sample-weighted mean over batches."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for inputs, targets in batches:
+            total += float(loss_fn(model(inputs), targets)) * len(inputs)
+            count += len(inputs)
+    return total / count
+
+
+@dataclass
+class LayerSignals:
+    """A layer's inputs x (samples, positions, cols) and the per-sample loss gradients of its
+    outputs delta (samples, positions, rows): the per-sample weight gradient of entry (r, c) is
+    sum over positions of delta[:, :, r] * x[:, :, c]."""
+
+    x: torch.Tensor
+    delta: torch.Tensor
+
+
+def per_sample_signals(
+    model: nn.Module, layers: list[PrunableLayer], batches: list, loss_fn: LossFn
+) -> tuple[dict[str, LayerSignals], float]:
+    """One forward and backward pass over the calibration set capturing every layer's inputs
+    and per-sample output gradients; returns them with the mean loss.
+
+    `loss_fn` must average over the samples of a batch (as `F.cross_entropy` does), so that
+    scaling it by the batch size makes each sample's gradient its own loss's gradient.
+    """
+    names = {layer.module: layer.name for layer in layers}
+    names_to_module = {layer.name: layer.module for layer in layers}
+    xs: dict[str, list] = {layer.name: [] for layer in layers}
+    deltas: dict[str, list] = {layer.name: [] for layer in layers}
+    calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def forward_hook(module, args, out):
+        calls.append((names[module], input_matrix(module, args[0].detach()), out))
+
+    handles = [layer.module.register_forward_hook(forward_hook) for layer in layers]
+    needs_grad = [layer.module.weight.requires_grad for layer in layers]
+    total, count = 0.0, 0
+    try:
+        for layer in layers:
+            layer.module.weight.requires_grad_(True)
+        with torch.enable_grad():
+            for inputs, targets in batches:
+                calls.clear()
+                loss = loss_fn(model(inputs), targets)
+                outs = [out for _, _, out in calls]
+                grads = torch.autograd.grad(loss * len(inputs), outs, allow_unused=True)
+                # A layer called several times in one forward sees more positions.
+                batch_x: dict[str, list] = {name: [] for name in xs}
+                batch_d: dict[str, list] = {name: [] for name in xs}
+                for (name, x, out), grad in zip(calls, grads):
+                    grad = torch.zeros_like(out) if grad is None else grad
+                    batch_x[name].append(x)
+                    batch_d[name].append(output_matrix(names_to_module[name], grad))
+                for name in xs:
+                    if not batch_x[name]:
+                        raise ValueError(f"layer {name} is not used by the model's forward")
+                    xs[name].append(torch.cat(batch_x[name], dim=1))
+                    deltas[name].append(torch.cat(batch_d[name], dim=1))
+                total += float(loss) * len(inputs)
+                count += len(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for layer, flag in zip(layers, needs_grad):
+            layer.module.weight.requires_grad_(flag)
+    signals = {
+        name: LayerSignals(torch.cat(xs[name]), torch.cat(deltas[name])) for name in xs
+    }
+    return signals, total / count

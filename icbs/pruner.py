@@ -1,0 +1,281 @@
+"""The iCBS loop: an initial mask, then budgeted block coordinate descent.
+
+Each step reads top to bottom: choose a layer and a block of its weights, estimate the
+block's gradient and Hessian, build the block QUBO, solve it warm-started from the current
+mask, and apply the answer only if it lowers the estimated objective. Masks keep their exact
+pruned count per constraint group at every step.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from icbs.block_qubo import build_block_qubo
+from icbs.budget import Budget
+from icbs.calibration import LossFn, input_statistics, load_batches, mean_loss, per_sample_signals
+from icbs.estimators import ExactEstimator, FisherEstimator, LayerwiseEstimator
+from icbs.layers import find_prunable
+from icbs.masks import group_ids, mask_from_scores, mask_matches_pattern, parse_pattern
+from icbs.report import Report, StepRecord, write_atomic
+from icbs.scores import weight_scores
+from icbs.selection import BlockSelector
+from icbs.settings import Settings
+from icbs.solver_choice import resolve_solver
+
+log = logging.getLogger(__name__)
+
+
+class Pruner:
+    """Prunes `model` in place to the settings' sparsity, then improves the masks step by step.
+
+    Everything that can be wrong with the inputs is checked before any weight is touched.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        calibration: Iterable,
+        settings: Settings,
+        *,
+        loss_fn: LossFn | None = None,
+        solver=None,
+    ):
+        self.model, self.settings = model, settings
+        self.loss_fn = loss_fn or F.cross_entropy
+        self.pattern = parse_pattern(settings.pattern)
+        self.solver = resolve_solver(settings.solver if solver is None else solver,
+                                     settings.solver_params)
+        self.block_size = settings.block_size
+        if self.solver.max_variables is not None:
+            self.block_size = min(self.block_size, self.solver.max_variables)
+        self.layers = find_prunable(model, settings.include, settings.exclude, self.pattern)
+        device = self.layers[0].w0.device
+        self.batches = load_batches(calibration, device)
+        self.was_training = model.training
+        model.eval()
+
+        start = time.perf_counter()
+        kinds = {settings.init, settings.selection_score}
+        stats = None
+        if "wanda" in kinds or settings.objective == "layerwise":
+            stats = input_statistics(model, self.layers, self.batches)
+        gradients = self._dense_gradients() if "gradient" in kinds else None
+        generator = torch.Generator().manual_seed(settings.seed)
+        scores = {kind: weight_scores(kind, self.layers, stats=stats, gradients=gradients,
+                                      generator=generator) for kind in sorted(kinds)}
+        masks = [mask_from_scores(scores[settings.init][layer.name], settings.sparsity,
+                                  self.pattern) for layer in self.layers]
+        for layer, mask in zip(self.layers, masks):
+            layer.mask = mask
+            layer.apply()
+        self.groups = [group_ids(layer.shape, self.pattern).flatten().to(device)
+                       for layer in self.layers]
+        self.selector = BlockSelector(
+            self.layers, scores[settings.selection_score], self.pattern, self.block_size,
+            selection=settings.selection, layer_choice=settings.layer_choice,
+            tabu_steps=settings.tabu_steps, fix_frac_prune=settings.fix_frac_prune,
+            fix_frac_keep=settings.fix_frac_keep)
+        if settings.objective == "layerwise":
+            self.estimator = LayerwiseEstimator(stats)
+        elif settings.objective == "fisher":
+            self.estimator = FisherEstimator(model, self.layers, self.batches, self.loss_fn)
+        else:
+            self.estimator = ExactEstimator(model, self.layers, self.batches, self.loss_fn)
+        self.rng = np.random.default_rng(settings.seed)
+        self.trace: list[StepRecord] = []
+        self.elapsed = 0.0
+        self.init_seconds = time.perf_counter() - start
+        self.objective_start = self.estimator.objective(self.layers)
+        self.objective = self.objective_start
+        self._stop = False
+
+    def _dense_gradients(self) -> dict[str, torch.Tensor]:
+        signals, _ = per_sample_signals(self.model, self.layers, self.batches, self.loss_fn)
+        return {name: torch.einsum("str,stc->rc", s.delta, s.x) / len(s.x)
+                for name, s in signals.items()}
+
+    @property
+    def prunable_weights(self) -> int:
+        return sum(layer.numel for layer in self.layers)
+
+    def step(self) -> StepRecord:
+        """One block step; the model changes only if the step is accepted."""
+        settings = self.settings
+        t0 = time.perf_counter()
+        index = self.selector.choose_layer(self.rng)
+        layer = self.layers[index]
+        block = self.selector.choose_block(index, self.rng)
+        seed = int(self.rng.integers(2**31))
+        delta, accepted, solver_time, estimate_time = 0.0, False, 0.0, 0.0
+        if len(block) >= 2:
+            idx = torch.as_tensor(block, device=layer.w0.device)
+            g, H = self.estimator.block(layer, idx)
+            keep = layer.mask.flatten()[idx]
+            v = torch.where(keep, layer.weight.flatten()[idx], layer.w0.flatten()[idx])
+            a = v - layer.pruned_weight().flatten()[idx]
+            qubo = build_block_qubo(v, a, g, H, ~keep, self.groups[index][idx],
+                                    gamma=settings.gamma, ridge=settings.ridge,
+                                    eps=settings.qubo_eps)
+            estimate_time = time.perf_counter() - t0
+            result = self.solver.solve(qubo.problem, x0=qubo.x_current, seed=seed)
+            solver_time = result.info["wall_time"]
+            delta = qubo.delta(result.x)
+            changed = np.flatnonzero(result.x != qubo.x_current)
+            accepted = delta < 0 and len(changed) > 0
+            if accepted:
+                accepted = self._apply(index, idx, result.x)
+            if accepted:
+                self.selector.mark_changed(index, block[changed])
+                self.objective += delta
+        self.elapsed += time.perf_counter() - t0
+        record = StepRecord(
+            step=len(self.trace), time=self.elapsed, layer=layer.name, block_size=len(block),
+            delta=delta, accepted=bool(accepted), solver_time=solver_time,
+            estimate_time=estimate_time, objective=self.objective)
+        self.trace.append(record)
+        return record
+
+    def _apply(self, index: int, idx: torch.Tensor, x: np.ndarray) -> bool:
+        """Set the block's mask to the answer; with verify="loss", undo it unless the
+        calibration loss went down. Returns whether the change stayed."""
+        layer = self.layers[index]
+        old = layer.mask.clone()
+        before = mean_loss(self.model, self.batches, self.loss_fn) \
+            if self.settings.verify == "loss" else None
+        layer.mask.view(-1)[idx] = torch.as_tensor(x == 0, device=idx.device)
+        assert mask_matches_pattern(layer.mask.cpu(), self.pattern, self.settings.sparsity)
+        layer.apply()
+        if before is not None and mean_loss(self.model, self.batches, self.loss_fn) >= before:
+            layer.mask = old
+            layer.apply()
+            return False
+        self.estimator.changed()
+        return True
+
+    def run(
+        self,
+        budget: Budget,
+        *,
+        checkpoint: str | Path | None = None,
+        callback: Callable[[Pruner, StepRecord], None] | None = None,
+        progress: bool | None = None,
+    ) -> Report:
+        """Take steps until the budget is spent (counted from the first step, across resumes)
+        or Ctrl-C; a Ctrl-C stops after the current step and leaves a valid checkpoint."""
+        max_steps = budget.max_steps(self.prunable_weights, self.block_size)
+        show = sys.stderr.isatty() if progress is None else progress
+        bar = _progress_bar(max_steps, budget.seconds, show)
+        self._stop = False
+        restore_sigint = self._catch_sigint()
+        try:
+            while not self._stop:
+                if max_steps is not None and len(self.trace) >= max_steps:
+                    break
+                if budget.seconds is not None and self.elapsed >= budget.seconds:
+                    break
+                record = self.step()
+                if callback is not None:
+                    callback(self, record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(objective=f"{self.objective:.4g}",
+                                    accepted=sum(r.accepted for r in self.trace))
+                if checkpoint is not None and len(self.trace) % \
+                        self.settings.checkpoint_every == 0:
+                    self.save_checkpoint(checkpoint)
+        finally:
+            restore_sigint()
+            if bar is not None:
+                bar.close()
+        if checkpoint is not None:
+            self.save_checkpoint(checkpoint)
+        if self._stop:
+            log.warning("interrupted after step %d; checkpoint is consistent", len(self.trace))
+        return self.report()
+
+    def _catch_sigint(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum, frame):
+            self._stop = True
+
+        previous = signal.signal(signal.SIGINT, handler)
+        return lambda: signal.signal(signal.SIGINT, previous)
+
+    def finish(self) -> None:
+        """Leave the model in the mode it was handed over in."""
+        self.model.train(self.was_training)
+
+    def report(self) -> Report:
+        return Report(
+            settings=self.settings.to_dict() | {"solver": self.solver.name,
+                                                "block_size": self.block_size},
+            layers=[{"name": layer.name, "shape": list(layer.shape),
+                     "sparsity": float(1 - layer.mask.float().mean())} for layer in self.layers],
+            trace=list(self.trace),
+            timings={"init_seconds": self.init_seconds, "run_seconds": self.elapsed},
+            objective={"start": self.objective_start, "estimated_end": self.objective},
+        )
+
+    # Checkpoints: masks, RNG and selector state, step trace; written atomically.
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        state = {
+            "settings": self.settings.to_dict(),
+            "masks": {layer.name: layer.mask.cpu() for layer in self.layers},
+            "rng": self.rng.bit_generator.state,
+            "selector": self.selector.state(),
+            "trace": [vars(r) for r in self.trace],
+            "elapsed": self.elapsed,
+            "objective": self.objective,
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_atomic(Path(path), buffer.getvalue())
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Continue from a checkpoint of a run with the same settings on the same model."""
+        state = torch.load(path, weights_only=False)
+        if state["settings"] != self.settings.to_dict():
+            raise ValueError(f"checkpoint {path} was written with other settings: "
+                             f"{state['settings']}")
+        names = [layer.name for layer in self.layers]
+        if list(state["masks"]) != names:
+            raise ValueError(f"checkpoint {path} has layers {list(state['masks'])}, the model "
+                             f"has {names}")
+        for layer in self.layers:
+            mask = state["masks"][layer.name].to(layer.w0.device)
+            if mask.shape != layer.mask.shape or not mask_matches_pattern(
+                    mask.cpu(), self.pattern, self.settings.sparsity):
+                raise ValueError(f"checkpoint {path}: mask of {layer.name} does not fit")
+        for layer in self.layers:
+            layer.mask = state["masks"][layer.name].to(layer.w0.device)
+            layer.apply()
+        self.rng.bit_generator.state = state["rng"]
+        self.selector.load_state(state["selector"])
+        self.trace = [StepRecord(**r) for r in state["trace"]]
+        self.elapsed = state["elapsed"]
+        self.objective = state["objective"]
+        self.estimator.changed()
+
+
+def _progress_bar(max_steps: int | None, seconds: float | None, show: bool):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=max_steps, desc="iCBS steps", unit="step",
+                postfix=None if seconds is None else {"budget_s": seconds})

@@ -1,0 +1,97 @@
+"""All knobs of an iCBS run in one frozen dataclass, checked when it is made."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from icbs.estimators import ESTIMATORS
+from icbs.masks import check_sparsity, parse_pattern
+from icbs.scores import SCORES
+from icbs.selection import LAYER_CHOICES, SELECTIONS
+
+VERIFY = ("estimate", "loss")
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings of an iCBS run.
+
+    sparsity: fraction of each layer's weights pruned (for N:M patterns fixed by N:M).
+    pattern: "unstructured" (per layer), "per_output" (per row) or "N:M" such as "2:4".
+    init: scores of the initial mask: magnitude, wanda, gradient or random.
+    objective: estimator of the loss change: layerwise, fisher or exact.
+    solver: a solver name from `solvers.available()`, with `solver_params`.
+    block_size: variables per block QUBO. selection: "score" or "random" block candidates,
+        ranked by `score` (default: the init scores; magnitude when init is random).
+    layer_choice: "log_size" (layers drawn in proportion to log of their size, as in the
+        paper) or "round_robin".
+    gamma: gradient multiplier of the quadratic model; ridge: weight of |D|^2 added to it;
+        qubo_eps: entries with |Q| <= qubo_eps * max|Q| are dropped before solving.
+    tabu_steps, fix_frac_prune, fix_frac_keep: search controls (see `icbs.selection`).
+    verify: "estimate" accepts a step when the model's dL < 0; "loss" also requires the
+        calibration loss itself to go down (one extra forward pass per candidate step).
+    include / exclude: shell-style patterns of layer names to prune / leave dense.
+    checkpoint_every: steps between checkpoints when a checkpoint path is given.
+    """
+
+    sparsity: float
+    pattern: str = "unstructured"
+    init: str = "magnitude"
+    objective: str = "fisher"
+    solver: str = "anneal"
+    solver_params: dict = field(default_factory=dict)
+    block_size: int = 256
+    selection: str = "score"
+    score: str | None = None
+    layer_choice: str = "log_size"
+    gamma: float = 1.0
+    ridge: float = 0.0
+    qubo_eps: float = 1e-12
+    tabu_steps: int = 0
+    fix_frac_prune: float = 0.0
+    fix_frac_keep: float = 0.0
+    verify: str = "estimate"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    seed: int = 0
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        check_sparsity(self.sparsity)
+        parse_pattern(self.pattern)
+        _one_of("init", self.init, SCORES)
+        _one_of("objective", self.objective, ESTIMATORS)
+        _one_of("selection", self.selection, SELECTIONS)
+        _one_of("layer_choice", self.layer_choice, LAYER_CHOICES)
+        _one_of("verify", self.verify, VERIFY)
+        if self.score is not None:
+            _one_of("score", self.score, SCORES)
+        if not isinstance(self.block_size, int) or self.block_size < 2:
+            raise ValueError(f"block_size must be an integer >= 2, got {self.block_size!r}")
+        for name in ("gamma", "ridge", "qubo_eps"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or (name != "gamma" and value < 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("fix_frac_prune", "fix_frac_keep"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.tabu_steps < 0 or self.checkpoint_every < 1:
+            raise ValueError("tabu_steps must be >= 0 and checkpoint_every >= 1")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @property
+    def selection_score(self) -> str:
+        if self.score is not None:
+            return self.score
+        return "magnitude" if self.init == "random" else self.init
+
+    def to_dict(self) -> dict:
+        return asdict(self)
