@@ -106,7 +106,7 @@ def per_sample_signals(
                 # A layer called several times in one forward sees more positions.
                 batch_x: dict[str, list] = {name: [] for name in xs}
                 batch_d: dict[str, list] = {name: [] for name in xs}
-                for (name, x, out), grad in zip(calls, grads):
+                for (name, x, out), grad in zip(calls, grads, strict=True):
                     grad = torch.zeros_like(out) if grad is None else grad
                     batch_x[name].append(x)
                     batch_d[name].append(output_matrix(names_to_module[name], grad))
@@ -120,7 +120,7 @@ def per_sample_signals(
     finally:
         for h in handles:
             h.remove()
-        for layer, flag in zip(layers, needs_grad):
+        for layer, flag in zip(layers, needs_grad, strict=True):
             layer.module.weight.requires_grad_(flag)
     signals = {
         name: LayerSignals(torch.cat(xs[name]), torch.cat(deltas[name])) for name in xs

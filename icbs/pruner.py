@@ -77,7 +77,7 @@ class Pruner:
                                       generator=generator) for kind in sorted(kinds)}
         masks = [mask_from_scores(scores[settings.init][layer.name], settings.sparsity,
                                   self.pattern) for layer in self.layers]
-        for layer, mask in zip(self.layers, masks):
+        for layer, mask in zip(self.layers, masks, strict=True):
             layer.mask = mask
             layer.apply()
         self.groups = [group_ids(layer.shape, self.pattern).flatten().to(device)
