@@ -17,7 +17,6 @@ from torch import nn
 from torch.func import functional_call
 
 from icbs.calibration import LayerSignals, LossFn, mean_loss, per_sample_signals
-from icbs.layer_stats import InputCovariance
 from icbs.layers import PrunableLayer
 
 
@@ -26,8 +25,8 @@ class LayerwiseEstimator:
 
     exact_model = True
 
-    def __init__(self, stats: dict[str, InputCovariance]):
-        self.hessians = {name: s.hessian for name, s in stats.items()}
+    def __init__(self, hessians: dict[str, torch.Tensor]):
+        self.hessians = hessians  # per layer: X X^T / tokens
 
     def block(self, layer: PrunableLayer, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         Hx = self.hessians[layer.name]

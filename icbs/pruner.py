@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from icbs.block_qubo import build_block_qubo
 from icbs.budget import Budget
 from icbs.calibration import LossFn, input_statistics, load_batches, mean_loss, per_sample_signals
 from icbs.estimators import ExactEstimator, FisherEstimator, LayerwiseEstimator
@@ -33,6 +32,7 @@ from icbs.scores import weight_scores
 from icbs.selection import BlockSelector
 from icbs.settings import Settings
 from icbs.solver_choice import resolve_solver
+from icbs.step import BlockAnswer, set_block_mask, solve_block
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Pruner:
             tabu_steps=settings.tabu_steps, fix_frac_prune=settings.fix_frac_prune,
             fix_frac_keep=settings.fix_frac_keep)
         if settings.objective == "layerwise":
-            self.estimator = LayerwiseEstimator(stats)
+            self.estimator = LayerwiseEstimator({n: s.hessian for n, s in stats.items()})
         elif settings.objective == "fisher":
             self.estimator = FisherEstimator(model, self.layers, self.batches, self.loss_fn)
         else:
@@ -121,23 +121,14 @@ class Pruner:
         delta, accepted, solver_time, estimate_time = 0.0, False, 0.0, 0.0
         if len(block) >= 2:
             idx = torch.as_tensor(block, device=layer.w0.device)
-            g, H = self.estimator.block(layer, idx)
-            keep = layer.mask.flatten()[idx]
-            v = torch.where(keep, layer.weight.flatten()[idx], layer.w0.flatten()[idx])
-            a = v - layer.pruned_weight().flatten()[idx]
-            qubo = build_block_qubo(v, a, g, H, ~keep, self.groups[index][idx],
-                                    gamma=settings.gamma, ridge=settings.ridge,
-                                    eps=settings.qubo_eps)
-            estimate_time = time.perf_counter() - t0
-            result = self.solver.solve(qubo.problem, x0=qubo.x_current, seed=seed)
-            solver_time = result.info["wall_time"]
-            delta = qubo.delta(result.x)
-            changed = np.flatnonzero(result.x != qubo.x_current)
-            accepted = delta < 0 and len(changed) > 0
+            answer = solve_block(layer, idx, self.groups[index], self.estimator, self.solver,
+                                 gamma=settings.gamma, ridge=settings.ridge,
+                                 eps=settings.qubo_eps, seed=seed)
+            delta, solver_time = answer.delta, answer.solver_time
+            estimate_time = answer.estimate_time
+            accepted = answer.improves and self._apply(index, answer)
             if accepted:
-                accepted = self._apply(index, idx, result.x)
-            if accepted:
-                self.selector.mark_changed(index, block[changed])
+                self.selector.mark_changed(index, block[answer.changed])
                 self.objective += delta
         self.elapsed += time.perf_counter() - t0
         record = StepRecord(
@@ -147,14 +138,14 @@ class Pruner:
         self.trace.append(record)
         return record
 
-    def _apply(self, index: int, idx: torch.Tensor, x: np.ndarray) -> bool:
+    def _apply(self, index: int, answer: BlockAnswer) -> bool:
         """Set the block's mask to the answer; with verify="loss", undo it unless the
         calibration loss went down. Returns whether the change stayed."""
         layer = self.layers[index]
         old = layer.mask.clone()
         before = mean_loss(self.model, self.batches, self.loss_fn) \
             if self.settings.verify == "loss" else None
-        layer.mask.view(-1)[idx] = torch.as_tensor(x == 0, device=idx.device)
+        set_block_mask(layer, answer)
         assert mask_matches_pattern(layer.mask.cpu(), self.pattern, self.settings.sparsity)
         layer.apply()
         if before is not None and mean_loss(self.model, self.batches, self.loss_fn) >= before:

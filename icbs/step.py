@@ -1,0 +1,67 @@
+"""One block step on one layer: estimate, build the block QUBO, solve from the current mask."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from icbs.block_qubo import build_block_qubo
+from icbs.layers import PrunableLayer
+from solvers import Solver
+
+
+@dataclass
+class BlockAnswer:
+    """The solver's answer for a block: `x` (1 = pruned), the current state, the model's
+    change of the objective `delta`, and where the time went."""
+
+    idx: torch.Tensor
+    x: np.ndarray
+    x_current: np.ndarray
+    delta: float
+    estimate_time: float
+    solver_time: float
+
+    @property
+    def changed(self) -> np.ndarray:
+        return np.flatnonzero(self.x != self.x_current)
+
+    @property
+    def improves(self) -> bool:
+        return self.delta < 0 and len(self.changed) > 0
+
+
+def solve_block(
+    layer: PrunableLayer,
+    idx: torch.Tensor,
+    groups: torch.Tensor,
+    estimator,
+    solver: Solver,
+    *,
+    gamma: float = 1.0,
+    ridge: float = 0.0,
+    eps: float = 1e-12,
+    seed: int | None = None,
+) -> BlockAnswer:
+    """Solve "which of the weights `idx` of `layer` to prune" keeping each group's count.
+
+    A weight that comes back takes its dense value w0; a kept one keeps its current value.
+    """
+    t0 = time.perf_counter()
+    g, H = estimator.block(layer, idx)
+    keep = layer.mask.flatten()[idx]
+    v = torch.where(keep, layer.weight.flatten()[idx], layer.w0.flatten()[idx])
+    a = v - layer.pruned_weight().flatten()[idx]
+    qubo = build_block_qubo(v, a, g, H, ~keep, groups[idx], gamma=gamma, ridge=ridge, eps=eps)
+    estimate_time = time.perf_counter() - t0
+    result = solver.solve(qubo.problem, x0=qubo.x_current, seed=seed)
+    return BlockAnswer(idx, result.x, qubo.x_current, qubo.delta(result.x), estimate_time,
+                       result.info["wall_time"])
+
+
+def set_block_mask(layer: PrunableLayer, answer: BlockAnswer) -> None:
+    """Write the answer into the layer's mask (not into the module)."""
+    layer.mask.view(-1)[answer.idx] = torch.as_tensor(answer.x == 0, device=answer.idx.device)
