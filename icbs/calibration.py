@@ -115,7 +115,7 @@ def per_sample_signals(
                         raise ValueError(f"layer {name} is not used by the model's forward")
                     xs[name].append(torch.cat(batch_x[name], dim=1))
                     deltas[name].append(torch.cat(batch_d[name], dim=1))
-                total += float(loss) * len(inputs)
+                total += float(loss.detach()) * len(inputs)
                 count += len(inputs)
     finally:
         for h in handles:

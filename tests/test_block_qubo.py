@@ -1,0 +1,88 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from icbs.block_qubo import build_block_qubo, quadratic_model
+from icbs.estimators import LayerwiseEstimator
+from icbs.layers import PrunableLayer
+from icbs.masks import group_ids, mask_from_scores, parse_pattern
+from icbs.step import BlockAnswer, set_block_mask
+
+
+def all_states(n):
+    return [np.array(x, dtype=np.int8) for x in itertools.product([0, 1], repeat=n)]
+
+
+@pytest.mark.parametrize("gamma,ridge", [(1.0, 0.0), (0.75, 0.3)])
+def test_qubo_equals_quadratic_model_for_every_state(gamma, ridge):
+    gen = torch.Generator().manual_seed(1)
+    n = 7
+    v = torch.randn(n, generator=gen, dtype=torch.float64)
+    pruned_now = torch.tensor([1, 0, 1, 0, 0, 1, 0], dtype=torch.bool)
+    a = torch.where(pruned_now, v, torch.zeros(n, dtype=torch.float64))  # pruned weights return
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    G = torch.randn(5, n, generator=gen, dtype=torch.float64)
+    H = G.T @ G
+    Q, c = quadratic_model(v, a, g, H, gamma, ridge)
+    for x in all_states(n):
+        D = a - torch.as_tensor(x, dtype=torch.float64) * v
+        model = gamma * g @ D + 0.5 * D @ H @ D + ridge * D @ D
+        assert x @ Q @ x + c == pytest.approx(float(model), abs=1e-10)
+
+
+def test_small_entries_are_dropped_by_magnitude_not_sign():
+    v = torch.tensor([1.0, 1.0, 1.0])
+    H = torch.tensor([[2.0, -1.0, 1e-14], [-1.0, 2.0, 0.0], [1e-14, 0.0, 2.0]])
+    qubo = build_block_qubo(v, torch.zeros(3), torch.zeros(3), H,
+                            torch.tensor([True, False, False]), torch.zeros(3, dtype=torch.long),
+                            eps=1e-9)
+    Qs = qubo.problem.Q
+    assert Qs[0, 1] < 0  # a large negative coupling survives
+    assert Qs[0, 2] == 0  # a tiny positive one is dropped
+    assert qubo.problem.k.tolist() == [1]
+
+
+@pytest.mark.parametrize("reconstructed", [False, True])
+@pytest.mark.parametrize("pattern", ["unstructured", "per_output", "2:4"])
+def test_layerwise_qubo_is_the_true_change_in_reconstruction_error(pattern, reconstructed):
+    gen = torch.Generator().manual_seed(2)
+    rows, cols = 3, 8
+    w0 = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    X = torch.randn(20, cols, generator=gen, dtype=torch.float64)
+    Hx = X.T @ X / len(X)
+    mask = mask_from_scores(w0.abs(), 0.5, pattern)
+    weight = w0 + 0.1 * torch.randn(rows, cols, generator=gen, dtype=torch.float64) \
+        if reconstructed else w0
+    layer = PrunableLayer("l", None, w0, mask, weight)
+    est = LayerwiseEstimator({"l": Hx})
+    groups = group_ids((rows, cols), parse_pattern(pattern)).flatten()
+    idx = torch.tensor([0, 1, 2, 3, 9, 12, 13, 17, 20])  # spans rows and groups
+    keep = mask.flatten()[idx]
+    g, H = est.block(layer, idx)
+    v = torch.where(keep, weight.flatten()[idx], w0.flatten()[idx])
+    a = v - layer.pruned_weight().flatten()[idx]
+    qubo = build_block_qubo(v, a, g, H, ~keep, groups[idx], eps=0.0)
+
+    def true_error(w):
+        d = w - w0
+        return float(((d @ Hx) * d).sum())
+
+    before = true_error(layer.pruned_weight())
+    for x in all_states(len(idx)):
+        new = layer.pruned_weight().flatten().clone()
+        new[idx] = (1 - torch.as_tensor(x, dtype=torch.float64)) * v
+        assert qubo.delta(x) == pytest.approx(true_error(new.reshape(rows, cols)) - before,
+                                              abs=1e-9)
+    # the scaled solver problem ranks states like the model and keeps each group's count
+    feasible = [x for x in all_states(len(idx)) if qubo.problem.is_feasible(x)]
+    energies = np.array([qubo.problem.energy(x) for x in feasible])
+    deltas = np.array([qubo.delta(x) for x in feasible])
+    assert np.argmin(energies) == np.argmin(deltas)
+    best = feasible[int(np.argmin(deltas))]
+    answer = BlockAnswer(idx, best, qubo.x_current, qubo.delta(best), 0.0, 0.0)
+    set_block_mask(layer, answer)
+    for gid in groups.unique():
+        in_group = groups == gid
+        assert (~layer.mask.flatten()[in_group]).sum() == (~mask.flatten()[in_group]).sum()
