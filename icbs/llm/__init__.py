@@ -1,0 +1,1 @@
+"""Pruning causal language models (Hugging Face transformers) one decoder block at a time."""

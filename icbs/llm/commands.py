@@ -1,0 +1,145 @@
+"""The `icbs prune` and `icbs eval` subcommands for causal language models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..masks import PATTERN_HELP
+from .prune import INITS, METHODS, LLMPruneSettings
+
+logger = logging.getLogger(__name__)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face model directory (safetensors) or a .gguf file")
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1 (default: cuda when present)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="windows per forward pass (default 8 when pruning, 1 in eval)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where a GGUF model is converted once (default ~/.cache/icbs/gguf)")
+
+
+def add_commands(subparsers) -> None:
+    """Register `prune` and `eval` on the `icbs` CLI's subparsers."""
+    prune = subparsers.add_parser("prune", help="prune a causal LM one decoder block at a time")
+    _common(prune)
+    prune.add_argument("--method", choices=METHODS, default="icbs")
+    prune.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned (default 0.5)")
+    prune.add_argument("--pattern", default="per_output", help=PATTERN_HELP)
+    prune.add_argument("--calib", nargs="+", default=[], metavar="FILE",
+                       help="plain-text calibration files")
+    prune.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--budget", type=float, default=600.0,
+                       help="seconds of iCBS block steps over the whole model (default 600)")
+    prune.add_argument("--init", choices=INITS, default="wanda", help="iCBS start (default wanda)")
+    prune.add_argument("--reconstruct", action="store_true",
+                       help="least-squares update of the kept weights (alternating with iCBS)")
+    prune.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
+    prune.add_argument("--percdamp", type=float, default=0.01,
+                       help="damping as a fraction of mean(diag H) (default 0.01)")
+    prune.add_argument("--block-size", type=int, default=256, help="iCBS block (QUBO variables)")
+    prune.add_argument("--solver", default="anneal", help="iCBS block solver")
+    prune.add_argument("--include", nargs="+", default=["*"], metavar="GLOB",
+                       help="linear layers to prune, by full name (default: all in decoder blocks)")
+    prune.add_argument("--exclude", nargs="+", default=[], metavar="GLOB",
+                       help="linear layers to leave dense, by full name")
+    prune.add_argument("--eval-text", nargs="+", default=[], metavar="FILE",
+                       help="also report perplexity on these text files")
+    prune.add_argument("--max-tokens", type=int, default=None, help="cap on evaluated tokens")
+    prune.add_argument("--out", required=True, help="output directory")
+    prune.set_defaults(func=run_prune)
+
+    evaluate = subparsers.add_parser("eval", help="perplexity of a causal LM on text files")
+    _common(evaluate)
+    evaluate.add_argument("--text", nargs="+", required=True, metavar="FILE")
+    evaluate.add_argument("--max-tokens", type=int, default=None, help="cap on evaluated tokens")
+    evaluate.set_defaults(func=run_eval)
+
+
+def _setup(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def text_perplexity(model, tokenizer, paths, seqlen: int, max_tokens: int | None,
+                    batch_size: int = 1, progress: bool = True) -> dict:
+    """Perplexity on text files with the settings that produced it."""
+    from .data import eval_windows, read_text, tokenize
+    from .evaluate import perplexity
+
+    windows = eval_windows(tokenize(tokenizer, read_text(paths)), seqlen, max_tokens)
+    tic = time.perf_counter()
+    ppl = perplexity(model, windows, batch_size, progress=progress)
+    return {"perplexity": ppl, "text": [str(p) for p in paths], "seqlen": seqlen,
+            "windows": len(windows), "scored_tokens": len(windows) * (seqlen - 1),
+            "seconds": time.perf_counter() - tic}
+
+
+def run_prune(args) -> None:
+    from safetensors.torch import save_file
+
+    from .data import read_text
+    from .load import load_model
+
+    _setup(args)
+    settings = LLMPruneSettings(
+        method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, budget=args.budget,
+        init=args.init, reconstruct=args.reconstruct, blocksize=args.blocksize,
+        percdamp=args.percdamp, block_size=args.block_size, solver=args.solver,
+        include=tuple(args.include), exclude=tuple(args.exclude),
+        batch_size=args.batch_size or 8).validated()
+    if settings.needs_calibration:
+        read_text(args.calib)  # missing files fail before the model is loaded
+    if args.eval_text:
+        read_text(args.eval_text)
+    out = Path(args.out)
+    from .prune import prune_model
+
+    tic = time.perf_counter()
+    model, tokenizer = load_model(args.model, args.device, args.cache_dir)
+    load_seconds = time.perf_counter() - tic
+    report = prune_model(model, tokenizer, settings, args.calib)
+    report["seconds"]["load"] = load_seconds
+    masks = report.pop("masks")
+    report.update(model=str(args.model), device=str(next(model.parameters()).device),
+                  threads=torch.get_num_threads())
+    if args.eval_text:
+        report["eval"] = text_perplexity(model, tokenizer, args.eval_text, args.seqlen,
+                                         args.max_tokens, args.batch_size or 1)
+        print(f"perplexity {report['eval']['perplexity']:.4f}")
+    tic = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_file({name: mask.contiguous() for name, mask in masks.items()},
+              str(out / "masks.safetensors"))
+    report["seconds"]["save"] = time.perf_counter() - tic
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"pruned {len(report['layers'])} layers to sparsity {report['sparsity']:.4f} in "
+          f"{report['seconds']['prune']:.1f} s; saved to {out}")
+
+
+def run_eval(args) -> None:
+    from .data import read_text
+    from .load import load_model
+
+    _setup(args)
+    read_text(args.text)
+    model, tokenizer = load_model(args.model, args.device, args.cache_dir)
+    result = text_perplexity(model, tokenizer, args.text, args.seqlen, args.max_tokens,
+                             args.batch_size or 1)
+    print(f"perplexity {result['perplexity']:.4f} over {result['scored_tokens']} tokens "
+          f"({result['windows']} windows of {args.seqlen})")

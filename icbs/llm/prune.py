@@ -1,0 +1,178 @@
+"""Prune a causal language model: settings, one callback per method, and the run's report."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..baselines import magnitude_mask, sparsegpt_prune, wanda_mask
+from ..layer_stats import InputCovariance
+from ..masks import check_shape, check_sparsity, mask_matches_pattern, parse_pattern
+from ..reconstruct import reconstruct_rows, reconstruction_error
+from .data import calibration_windows, read_text, tokenize
+from .sequential import decoder_blocks, prune_sequential, select_linears
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "icbs")
+INITS = ("wanda", "sparsegpt")
+
+
+@dataclass(frozen=True)
+class LLMPruneSettings:
+    """What to prune and how; names follow Wanda / SparseGPT / llm-compressor."""
+
+    method: str = "icbs"
+    sparsity: float = 0.5
+    pattern: str = "per_output"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    budget: float = 600.0  # seconds of iCBS block steps over the whole model
+    init: str = "wanda"  # iCBS start
+    reconstruct: bool = False
+    blocksize: int = 128  # SparseGPT column block
+    percdamp: float = 0.01  # damping, fraction of mean(diag H)
+    block_size: int = 256  # iCBS block (variables per QUBO)
+    solver: str = "anneal"
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    batch_size: int = 8
+
+    def validated(self) -> LLMPruneSettings:
+        """A checked copy (N:M patterns fix the sparsity at 1 - N/M); raises ValueError."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; expected one of {INITS}")
+        pattern = parse_pattern(self.pattern)
+        sparsity = check_sparsity(self.sparsity)
+        if pattern.kind == "nm" and abs(sparsity - (1 - pattern.n / pattern.m)) > 1e-9:
+            logger.info("pattern %s fixes the sparsity at %.3f", pattern, 1 - pattern.n / pattern.m)
+            sparsity = 1 - pattern.n / pattern.m
+        for name, value in (("nsamples", self.nsamples), ("seqlen", self.seqlen),
+                            ("batch_size", self.batch_size), ("blocksize", self.blocksize)):
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.budget < 0 or self.percdamp < 0:
+            raise ValueError("budget and percdamp must not be negative")
+        return dataclasses.replace(self, pattern=str(pattern), sparsity=sparsity,
+                                   include=tuple(self.include), exclude=tuple(self.exclude))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "magnitude" or self.reconstruct
+
+
+class LayerPruner:
+    """The per-layer callback of `prune_sequential` for one method; keeps the masks."""
+
+    def __init__(self, settings: LLMPruneSettings, total_weights: int):
+        self.settings = settings
+        self.pattern = parse_pattern(settings.pattern)
+        self.total_weights = total_weights
+        self.masks: dict[str, torch.Tensor] = {}
+
+    def _start(self, w0: torch.Tensor, cov: InputCovariance | None):
+        s = self.settings
+        start = s.init if s.method == "icbs" else s.method
+        if start == "magnitude":
+            mask = magnitude_mask(w0, s.sparsity, self.pattern)
+        elif start == "wanda":
+            mask = wanda_mask(w0, cov.column_norms(), s.sparsity, self.pattern)
+        else:
+            return sparsegpt_prune(w0, cov.hessian, s.sparsity, self.pattern, s.blocksize,
+                                   s.percdamp)
+        return w0 * mask, mask
+
+    @torch.no_grad()
+    def __call__(self, name: str, module: nn.Linear, cov: InputCovariance | None) -> dict:
+        s = self.settings
+        w0 = module.weight.detach().float()
+        tic = time.perf_counter()
+        weight, mask = self._start(w0, cov)
+        record = {"shape": list(w0.shape), "seconds_start": time.perf_counter() - tic}
+        hessian = cov.hessian if cov is not None else None
+        if hessian is not None:
+            record["error_before"] = float(reconstruction_error(w0, weight, hessian).sum())
+        if s.method == "icbs":
+            from ..layerwise import improve_layer
+
+            result = improve_layer(
+                w0, hessian, mask, weight=weight, pattern=self.pattern, sparsity=s.sparsity,
+                seconds=s.budget * w0.numel() / self.total_weights, block_size=s.block_size,
+                solver=s.solver, seed=s.seed, reconstruct=s.reconstruct, damp=s.percdamp)
+            weight, mask = result.weight.float(), result.mask
+            record.update(steps=result.steps, accepted=result.accepted,
+                          seconds_icbs=result.seconds)
+        elif s.reconstruct:
+            tic = time.perf_counter()
+            weight = reconstruct_rows(w0, weight, hessian, mask, s.percdamp)
+            record["seconds_reconstruct"] = time.perf_counter() - tic
+        if not mask_matches_pattern(mask.cpu(), self.pattern, s.sparsity):
+            raise AssertionError(f"{name}: mask does not satisfy pattern {self.pattern}")
+        weight = weight * mask
+        if hessian is not None:
+            record["error_after"] = float(reconstruction_error(w0, weight, hessian).sum())
+        module.weight.copy_(weight.to(module.weight.dtype))
+        self.masks[name] = mask.cpu()
+        record["sparsity"] = 1.0 - float(mask.float().mean())
+        record["zeros"] = float((module.weight == 0).float().mean())
+        return record
+
+
+def prunable_layers(model: nn.Module, settings: LLMPruneSettings) -> dict[str, nn.Linear]:
+    """The linear layers the settings select in the model's decoder blocks."""
+    prefix, blocks = decoder_blocks(model)
+    layers: dict[str, nn.Linear] = {}
+    for index, block in enumerate(blocks):
+        layers.update(select_linears(block, f"{prefix}.{index}", settings.include,
+                                     settings.exclude))
+    return layers
+
+
+def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
+                calib_paths: Sequence[str] = (), progress: bool = True) -> dict:
+    """Prune `model` in place; returns the report (settings, per-layer records, times) with
+    the masks under the key "masks" (name -> bool tensor)."""
+    settings = settings.validated()
+    pattern = parse_pattern(settings.pattern)
+    layers = prunable_layers(model, settings)
+    if not layers:
+        raise ValueError("no linear layer matches the include/exclude patterns")
+    for name, layer in layers.items():
+        check_shape(tuple(layer.weight.shape), pattern, name)
+    if settings.method == "icbs":
+        from ..layerwise import improve_layer  # noqa: F401  (fail before any weight is touched)
+    times = {}
+    tic = time.perf_counter()
+    windows = None
+    if settings.needs_calibration:
+        tokens = tokenize(tokenizer, read_text(calib_paths))
+        windows = calibration_windows(tokens, settings.nsamples, settings.seqlen, settings.seed)
+    times["data"] = time.perf_counter() - tic
+    torch.manual_seed(settings.seed)
+    pruner = LayerPruner(settings, sum(layer.weight.numel() for layer in layers.values()))
+    tic = time.perf_counter()
+    records = prune_sequential(model, windows, pruner, include=settings.include,
+                               exclude=settings.exclude, batch_size=settings.batch_size,
+                               progress=progress)
+    times["prune"] = time.perf_counter() - tic
+    for key in ("seconds_start", "seconds_icbs", "seconds_reconstruct"):
+        times[key.replace("seconds_", "layers_")] = sum(r.get(key, 0.0) for r in records)
+    pruned = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in records)
+    return {
+        "settings": dataclasses.asdict(settings),
+        "layers": records,
+        "prunable_weights": pruner.total_weights,
+        "sparsity": pruned / pruner.total_weights,
+        "seconds": times,
+        "budget_used": times["layers_icbs"],
+        "masks": pruner.masks,
+    }

@@ -1,0 +1,201 @@
+"""The LLM pipeline on a tiny LLaMA built from a config, with a character-level tokenizer."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("transformers")
+from tokenizers import Tokenizer, models  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from icbs.cli import main  # noqa: E402
+from icbs.layer_stats import InputCovariance  # noqa: E402
+from icbs.llm.data import calibration_windows, eval_windows, read_text, tokenize  # noqa: E402
+from icbs.llm.evaluate import perplexity  # noqa: E402
+from icbs.llm.load import load_model  # noqa: E402
+from icbs.llm.prune import LLMPruneSettings, prune_model  # noqa: E402
+from icbs.llm.sequential import (  # noqa: E402
+    capture_block_inputs,
+    decoder_blocks,
+    prune_sequential,
+    run_block,
+)
+from icbs.masks import mask_matches_pattern, parse_pattern  # noqa: E402
+
+TEXT = """The morning was grey and the road to the village
+ran between wet hedges, where the birds were quiet.
+
+Miss Taylor had walked it many times, and she knew every gate and stile;
+yet today she stopped at the bridge and watched the water.
+
+"It will rain before noon," said her brother, who never liked to be wrong,
+and who was, on this occasion, entirely right.
+
+They turned back at the mill. The miller's wife waved from the door,
+and the children ran along the bank, shouting at the ducks.
+
+By evening the house was full of visitors, and the talk was all of the ball
+that was to be given at the Crown on Thursday next.
+"""
+
+CHARS = sorted(set(TEXT) | set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "story.txt"
+    path.write_text(TEXT * 3, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A 2-block LLaMA (hidden 64, MLP 128) with random weights and a char tokenizer."""
+    torch.manual_seed(0)
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(CHARS)}}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+        unk_token="<unk>")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def loaded(model_dir):
+    return load_model(model_dir, "cpu")
+
+
+def test_read_text_joins_lines_and_separates_paragraphs(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("one\ntwo  \n\n\n  three\n", encoding="utf-8")
+    assert read_text([path, path]) == "one two\n\nthree\n\none two\n\nthree"
+    with pytest.raises(FileNotFoundError):
+        read_text([tmp_path / "missing.txt"])
+
+
+def test_windows_are_seeded_and_eval_windows_do_not_overlap():
+    tokens = torch.arange(1000)
+    a, b = calibration_windows(tokens, 5, 32, seed=1), calibration_windows(tokens, 5, 32, seed=1)
+    assert a.shape == (5, 32) and torch.equal(a, b)
+    assert torch.all(a[:, 1:] - a[:, :-1] == 1)
+    windows = eval_windows(tokens, 100, max_tokens=350)
+    assert torch.equal(windows.flatten(), torch.arange(300))
+    assert eval_windows(tokens, 100).shape == (10, 100)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        calibration_windows(tokens, 4, 2000)
+
+
+def test_sequential_driver_reproduces_the_model_forward(loaded, text_file):
+    model, tokenizer = loaded
+    windows = calibration_windows(tokenize(tokenizer, read_text([text_file])), 6, 48)
+    expected = model(input_ids=windows, output_hidden_states=True).hidden_states
+    _, blocks = decoder_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], windows, batch_size=4)
+    assert len(inputs.hidden) == 2
+    for index, block in enumerate(blocks[:-1]):
+        torch.testing.assert_close(torch.cat(inputs.hidden), expected[index])
+        inputs.hidden = run_block(block, inputs)
+    torch.testing.assert_close(torch.cat(inputs.hidden), expected[len(blocks) - 1])
+
+    # without pruning, each layer's statistics equal those of a plain full-model forward
+    plain = {}
+    hooks = [mod.register_forward_pre_hook(
+        lambda m, args, name=name: plain.setdefault(name, InputCovariance(
+            args[0].shape[-1])).add_batch(args[0]))
+        for name, mod in model.named_modules() if name.startswith("model.layers.")
+        and isinstance(mod, torch.nn.Linear)]
+    model(input_ids=windows)
+    for hook in hooks:
+        hook.remove()
+    seen = {}
+
+    def record(name, module, cov):
+        seen[name] = cov.hessian
+        return {}
+
+    prune_sequential(model, windows, record, batch_size=4, progress=False)
+    assert set(seen) == set(plain) and len(seen) == 14
+    for name, hessian in seen.items():
+        torch.testing.assert_close(hessian, plain[name].hessian, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,pattern,sparsity,reconstruct", [
+    ("magnitude", "per_output", 0.5, False),
+    ("wanda", "2:4", 0.5, False),
+    ("wanda", "per_output", 0.7, True),
+    ("sparsegpt", "unstructured", 0.6, False),
+    ("sparsegpt", "4:8", 0.5, True),
+])
+def test_prune_model_hits_exact_sparsity(loaded, text_file, method, pattern, sparsity,
+                                         reconstruct):
+    model, tokenizer = loaded
+    settings = LLMPruneSettings(method=method, sparsity=sparsity, pattern=pattern, nsamples=4,
+                                seqlen=32, reconstruct=reconstruct, blocksize=16,
+                                exclude=("*.o_proj",))
+    report = prune_model(model, tokenizer, settings, [text_file], progress=False)
+    layers = dict(model.named_modules())
+    assert len(report["layers"]) == 12  # 2 blocks x 6 layers (o_proj excluded)
+    assert torch.count_nonzero(layers["model.layers.0.self_attn.o_proj"].weight) == 64 * 64
+    for record in report["layers"]:
+        mask = report["masks"][record["name"]]
+        weight = layers[record["name"]].weight
+        assert mask_matches_pattern(mask, parse_pattern(pattern), sparsity)
+        assert torch.all(weight[~mask] == 0)
+        assert record["sparsity"] == pytest.approx(sparsity, abs=1 / 64)
+        if method != "magnitude":
+            assert record["error_after"] <= record["error_before"] * (1 + 1e-6)
+
+
+def test_bad_input_fails_before_weights_change(loaded, text_file, tmp_path):
+    model, tokenizer = loaded
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for settings, error in [
+        (LLMPruneSettings(method="obs"), "unknown method"),
+        (LLMPruneSettings(method="wanda", pattern="3:7"), "not a multiple of M=7"),
+        (LLMPruneSettings(method="wanda", pattern="1-in-4"), "unknown sparsity pattern"),
+        (LLMPruneSettings(method="wanda", sparsity=1.0), "sparsity"),
+        (LLMPruneSettings(method="wanda", seqlen=100000, nsamples=2), "fewer than one window"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            prune_model(model, tokenizer, settings, [text_file], progress=False)
+    with pytest.raises(FileNotFoundError):
+        prune_model(model, tokenizer, LLMPruneSettings(method="wanda"), [tmp_path / "no.txt"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_cli_prune_saves_a_model_that_eval_reproduces(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    main(["prune", "--model", str(model_dir), "--method", "sparsegpt", "--pattern", "2:4",
+          "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64", "--blocksize", "32",
+          "--eval-text", str(text_file), "--max-tokens", "512", "--threads", "1",
+          "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"] == pytest.approx(0.5)
+    assert {"data", "prune", "load", "save"} <= set(report["seconds"])
+    masks = load_file(str(out / "masks.safetensors"))
+    assert len(masks) == 14 and all(m.dtype == torch.bool for m in masks.values())
+    capsys.readouterr()
+    main(["eval", "--model", str(out), "--text", str(text_file), "--seqlen", "64",
+          "--max-tokens", "512"])
+    printed = capsys.readouterr().out
+    assert f"perplexity {report['eval']['perplexity']:.4f}" in printed
+    model, _ = load_model(out, "cpu")
+    weight = dict(model.named_modules())["model.layers.1.mlp.down_proj"].weight
+    assert torch.equal(weight != 0, masks["model.layers.1.mlp.down_proj"])
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(loaded):
+    model, _ = loaded
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    windows = torch.randint(0, model.config.vocab_size, (3, 16))
+    assert perplexity(model, windows, batch_size=2) == pytest.approx(model.config.vocab_size)
