@@ -1,5 +1,24 @@
-"""Cardinality-constrained QUBOs and their solvers (torch-free)."""
+"""Cardinality-constrained QUBOs and their solvers (torch-free).
 
-from solvers.base import SolveResult, Solver, available, get_solver, register
+    from solvers import CardinalityQUBO, get_solver
+    problem = CardinalityQUBO(Q, k=32)             # one group, 32 ones
+    result = get_solver("anneal").solve(problem, x0=mask, seed=0)
 
-__all__ = ["SolveResult", "Solver", "available", "get_solver", "register"]
+Solvers: exhaustive, greedy, anneal (numba swap annealing), neal and dimod (penalty model
++ repair). `SwapAnnealSampler` exposes `anneal` as a `dimod.Sampler`.
+"""
+
+from solvers import anneal, exhaustive, greedy, penalty  # noqa: F401  (register solvers)
+from solvers.base import Solver, SolveResult, available, get_solver, register
+from solvers.ocean import SwapAnnealSampler
+from solvers.problem import CardinalityQUBO
+
+__all__ = [
+    "CardinalityQUBO",
+    "SolveResult",
+    "Solver",
+    "SwapAnnealSampler",
+    "available",
+    "get_solver",
+    "register",
+]

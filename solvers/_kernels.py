@@ -1,0 +1,325 @@
+"""Numba kernels for swap moves inside groups, on cached local fields f = Q x.
+
+Layout shared by the kernels: `perm` lists the variables group by group; group g owns
+positions gstart[g] .. gstart[g] + gsize[g] - 1, the first gk[g] of them hold its ones
+(x = 1) and the rest its zeros. A swap exchanges a one and a zero of the same group, so
+every group count stays at k_g.
+
+Energy change of a swap that sets x_i: 1 -> 0 and x_j: 0 -> 1 (Q symmetric, f = Q x):
+removing i changes E by -(2 f_i - Q_ii) and lowers f_j by Q_ij; adding j then changes E by
+2 (f_j - Q_ij) + Q_jj. In total
+
+    dE = -(2 f_i - Q_ii) + (2 f_j + Q_jj) - 2 Q_ij,
+
+O(1) from the cached fields; accepting updates f += Q[j] - Q[i] (two contiguous rows, O(n)).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+def layout(x: np.ndarray, groups: np.ndarray, k: np.ndarray, sizes: np.ndarray):
+    """Return (perm, gstart, movable) for state x (see module docstring)."""
+    # Sort by group, ones first inside each group.
+    perm = np.lexsort((1 - x.astype(np.int64), groups)).astype(np.int64)
+    gstart = np.zeros(k.size, dtype=np.int64)
+    if k.size > 1:
+        gstart[1:] = np.cumsum(sizes)[:-1]
+    movable_group = (k > 0) & (k < sizes)
+    movable = np.flatnonzero(movable_group[groups]).astype(np.int64)
+    return perm, gstart, movable
+
+
+@njit(cache=True)
+def row_max_offdiag(Q):
+    """max_{j != i} Q_ij for every row (-inf for n = 1)."""
+    n = Q.shape[0]
+    out = np.full(n, -np.inf)
+    for i in range(n):
+        m = -np.inf
+        for j in range(n):
+            if j != i and Q[i, j] > m:
+                m = Q[i, j]
+        out[i] = m
+    return out
+
+
+@njit(cache=True)
+def fields(Q, x):
+    """f = Q x for an int8 x, summing only the rows of ones (row-contiguous)."""
+    n = Q.shape[0]
+    f = np.zeros(n)
+    for j in range(n):
+        if x[j]:
+            for i in range(n):
+                f[i] += Q[j, i]
+    return f
+
+
+@njit(cache=True)
+def sample_swap_deltas(Q, f, perm, gstart, gk, gsize, groups, movable, num, seed):
+    """|dE| of `num` random swaps from the current state (for the temperature schedule)."""
+    np.random.seed(seed)
+    out = np.empty(num)
+    nm = movable.size
+    for t in range(num):
+        u = movable[np.random.randint(nm)]
+        g = groups[u]
+        a = gstart[g] + np.random.randint(gk[g])
+        b = gstart[g] + gk[g] + np.random.randint(gsize[g] - gk[g])
+        i = perm[a]
+        j = perm[b]
+        out[t] = abs(-(2 * f[i] - Q[i, i]) + (2 * f[j] + Q[j, j]) - 2 * Q[i, j])
+    return out
+
+
+@njit(cache=True)
+def anneal_swaps(Q, diag, x, f, perm, gstart, gk, gsize, groups, movable, betas,
+                 proposals_per_beta, seed, best_x):
+    """Simulated annealing with in-group swaps; x, f, perm are updated in place.
+
+    Makes `proposals_per_beta` proposals at each inverse temperature. Returns (best dE
+    relative to the start, final dE relative to the start, accepted moves); `best_x`
+    receives the best state seen.
+    """
+    np.random.seed(seed)
+    n = Q.shape[0]
+    nm = movable.size
+    e = 0.0
+    best = 0.0
+    best_is_current = True
+    accepted = 0
+    if nm == 0:
+        best_x[:] = x
+        return best, e, accepted
+    for bi in range(betas.size):
+        beta = betas[bi]
+        for _t in range(proposals_per_beta):
+            u = movable[np.random.randint(nm)]
+            g = groups[u]
+            kg = gk[g]
+            a = gstart[g] + np.random.randint(kg)
+            b = gstart[g] + kg + np.random.randint(gsize[g] - kg)
+            i = perm[a]
+            j = perm[b]
+            de = -(2.0 * f[i] - diag[i]) + (2.0 * f[j] + diag[j]) - 2.0 * Q[i, j]
+            if de > 0.0:
+                z = beta * de
+                if z > 40.0 or np.random.random() >= np.exp(-z):
+                    continue
+            # accept: i leaves the ones, j joins them
+            if best_is_current:
+                best_x[:] = x  # leaving the best state seen: keep a copy
+                best_is_current = False
+            perm[a] = j
+            perm[b] = i
+            x[i] = 0
+            x[j] = 1
+            qi = Q[i]
+            qj = Q[j]
+            for r in range(n):
+                f[r] += qj[r] - qi[r]
+            e += de
+            accepted += 1
+            if e < best:
+                best = e
+                best_is_current = True
+    if best_is_current:
+        best_x[:] = x
+    return best, e, accepted
+
+
+@njit(cache=True)
+def polish_swaps(Q, x, f, perm, gstart, gk, gsize, rowmax, max_swaps):
+    """Best-improvement swap descent inside each group until no swap lowers E.
+
+    Visits the groups in turn; in a group, finds the swap with the lowest dE (pruned
+    by the bound dE >= min_j b_j - a_i - 2 max_j Q_ij, with a_i = 2 f_i - Q_ii and
+    b_j = 2 f_j + Q_jj) and applies it while it improves. Stops after a full pass without
+    a swap, or after `max_swaps` swaps. Returns (total dE, swaps made, passes).
+    """
+    n = Q.shape[0]
+    G = gstart.size
+    total = 0.0
+    swaps = 0
+    passes = 0
+    changed = True
+    while changed and swaps < max_swaps:
+        changed = False
+        passes += 1
+        for g in range(G):
+            kg = gk[g]
+            nz = gsize[g] - kg
+            if kg == 0 or nz == 0:
+                continue
+            s0 = gstart[g]
+            while swaps < max_swaps:
+                # gains of removing each one, costs of adding each zero
+                a_val = np.empty(kg)
+                for p in range(kg):
+                    i = perm[s0 + p]
+                    a_val[p] = 2.0 * f[i] - Q[i, i]
+                bmin = np.inf
+                for p in range(nz):
+                    j = perm[s0 + kg + p]
+                    bj = 2.0 * f[j] + Q[j, j]
+                    if bj < bmin:
+                        bmin = bj
+                order = np.argsort(-a_val)
+                best = 0.0
+                best_a = -1
+                best_b = -1
+                for oi in range(kg):
+                    p = order[oi]
+                    i = perm[s0 + p]
+                    ai = a_val[p]
+                    if bmin - ai - 2.0 * rowmax[i] >= best:
+                        continue
+                    qi = Q[i]
+                    for q in range(nz):
+                        j = perm[s0 + kg + q]
+                        d = (2.0 * f[j] + Q[j, j]) - ai - 2.0 * qi[j]
+                        if d < best:
+                            # ignore changes at the level of rounding error
+                            tol = 1e-12 * (abs(ai) + abs(2.0 * f[j] + Q[j, j]) + 2 * abs(qi[j]))
+                            if d < -tol:
+                                best = d
+                                best_a = s0 + p
+                                best_b = s0 + kg + q
+                if best_a < 0:
+                    break
+                i = perm[best_a]
+                j = perm[best_b]
+                perm[best_a] = j
+                perm[best_b] = i
+                x[i] = 0
+                x[j] = 1
+                qi = Q[i]
+                qj = Q[j]
+                for r in range(n):
+                    f[r] += qj[r] - qi[r]
+                total += best
+                swaps += 1
+                changed = True
+    return total, swaps, passes
+
+
+@njit(cache=True)
+def repair_counts(Q, x, f, groups, k, counts):
+    """Flip variables greedily until every group g has exactly k[g] ones.
+
+    In a group with too many ones, flip to 0 the one whose removal lowers E most
+    (dE = -(2 f_i - Q_ii)); with too few, flip to 1 the zero with the lowest
+    dE = 2 f_j + Q_jj. f is updated after every flip. Returns the number of flips.
+    """
+    n = Q.shape[0]
+    flips = 0
+    for g in range(k.size):
+        while counts[g] != k[g]:
+            want_one = counts[g] < k[g]
+            bi = -1
+            bd = np.inf
+            for i in range(n):
+                if groups[i] != g:
+                    continue
+                if want_one and x[i] == 0:
+                    d = 2.0 * f[i] + Q[i, i]
+                elif (not want_one) and x[i] == 1:
+                    d = -(2.0 * f[i] - Q[i, i])
+                else:
+                    continue
+                if d < bd:
+                    bd = d
+                    bi = i
+            qi = Q[bi]
+            if want_one:
+                x[bi] = 1
+                counts[g] += 1
+                for r in range(n):
+                    f[r] += qi[r]
+            else:
+                x[bi] = 0
+                counts[g] -= 1
+                for r in range(n):
+                    f[r] -= qi[r]
+            flips += 1
+    return flips
+
+
+@njit(cache=True)
+def polish_sweep(Q, diag, x, f, perm, gstart, gk, gsize, rowmax, max_swaps):
+    """Swap descent that ends, like `polish_swaps`, where no swap lowers E, but cheaper per
+    swap: each pass visits the ones of each group (largest removal gain first) and applies
+    the best swap of that one, if it improves, at once. Returns (total dE, swaps, passes).
+    """
+    n = Q.shape[0]
+    G = gstart.size
+    total = 0.0
+    swaps = 0
+    passes = 0
+    changed = True
+    while changed and swaps < max_swaps:
+        changed = False
+        passes += 1
+        for g in range(G):
+            kg = gk[g]
+            nz = gsize[g] - kg
+            if kg == 0 or nz == 0:
+                continue
+            s0 = gstart[g]
+            ones = perm[s0 : s0 + kg].copy()
+            zeros = perm[s0 + kg : s0 + kg + nz].copy()
+            a_val = np.empty(kg)
+            for p in range(kg):
+                i = ones[p]
+                a_val[p] = 2.0 * f[i] - diag[i]
+            order = np.argsort(-a_val)
+            bz = np.empty(nz)
+            bmin = np.inf
+            for q in range(nz):
+                j = zeros[q]
+                bz[q] = 2.0 * f[j] + diag[j]
+                if bz[q] < bmin:
+                    bmin = bz[q]
+            for oi in range(kg):
+                if swaps >= max_swaps:
+                    break
+                p = order[oi]
+                i = ones[p]
+                ai = 2.0 * f[i] - diag[i]
+                if bmin - ai - 2.0 * rowmax[i] >= 0.0:
+                    continue
+                qi = Q[i]
+                best = 0.0
+                best_q = -1
+                for q in range(nz):
+                    d = bz[q] - ai - 2.0 * qi[zeros[q]]
+                    if d < best:
+                        tol = 1e-12 * (abs(ai) + abs(bz[q]) + 2.0 * abs(qi[zeros[q]]))
+                        if d < -tol:
+                            best = d
+                            best_q = q
+                if best_q < 0:
+                    continue
+                j = zeros[best_q]
+                ones[p] = j
+                zeros[best_q] = i
+                x[i] = 0
+                x[j] = 1
+                qj = Q[j]
+                for r in range(n):
+                    f[r] += qj[r] - qi[r]
+                total += best
+                swaps += 1
+                changed = True
+                bmin = np.inf
+                for q in range(nz):
+                    jj = zeros[q]
+                    bz[q] = 2.0 * f[jj] + diag[jj]
+                    if bz[q] < bmin:
+                        bmin = bz[q]
+            perm[s0 : s0 + kg] = ones
+            perm[s0 + kg : s0 + kg + nz] = zeros
+    return total, swaps, passes

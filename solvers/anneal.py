@@ -1,0 +1,166 @@
+"""`anneal`: simulated annealing with swap moves inside groups (numba), then a swap polish."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+
+from solvers import _kernels as K
+from solvers.base import Solver, register
+from solvers.problem import CardinalityQUBO
+
+log = logging.getLogger(__name__)
+
+
+def row_max(problem: CardinalityQUBO) -> np.ndarray:
+    """max_{j != i} Q_ij per row, computed once per problem (used to prune the polish)."""
+    cached = getattr(problem, "_rowmax", None)
+    if cached is None:
+        cached = K.row_max_offdiag(problem.Q)
+        problem._rowmax = cached
+    return cached
+
+
+def default_betas(
+    problem: CardinalityQUBO,
+    x: np.ndarray,
+    num_betas: int,
+    seed: int,
+    hot_accept: float = 0.1,
+    cold_accept: float = 0.001,
+    cold_quantile: float = 0.0,
+) -> np.ndarray:
+    """Geometric inverse temperatures from the scale of Q at state x.
+
+    Samples random swaps from x: the hot end accepts a median-size uphill swap with
+    probability `hot_accept`; the cold end accepts the `cold_quantile` percentile of the
+    nonzero sampled |dE| (default the smallest) with probability `cold_accept`.
+    """
+    perm, gstart, movable = K.layout(x, problem.groups, problem.k, problem.sizes)
+    if movable.size == 0 or num_betas < 1:
+        return np.ones(max(num_betas, 1))
+    f = K.fields(problem.Q, x)
+    num = int(min(2000, max(200, 4 * movable.size)))
+    d = K.sample_swap_deltas(problem.Q, f, perm, gstart, problem.k, problem.sizes,
+                             problem.groups, movable, num, seed)
+    d = d[d > 0]
+    if d.size == 0:
+        return np.ones(num_betas)
+    hot = math.log(1 / hot_accept) / float(np.median(d))
+    cold = math.log(1 / cold_accept) / float(np.percentile(d, cold_quantile))
+    cold = max(cold, hot)
+    return np.geomspace(hot, cold, num_betas)
+
+
+@register("anneal")
+class SwapAnnealer(Solver):
+    """Simulated annealing whose move swaps a 1 and a 0 of the same group.
+
+    Parameters
+    ----------
+    num_betas : number of temperatures of the default geometric schedule.
+    sweeps_per_beta : sweeps at each temperature (a sweep = one proposal per movable variable).
+    restarts : independent runs from the start state; the best answer is returned.
+    betas : explicit inverse temperatures (overrides num_betas and beta_range).
+    beta_range : (hot, cold) inverse temperatures for a geometric schedule; default from the
+        scale of Q (see `default_betas`).
+    polish : end each restart with a best-improvement swap descent, so that no single swap
+        improves the returned state.
+    start : "magnitude" (smallest Q_ii per group) or "random", used when no x0 is given.
+    min_proposals_per_beta : at least this many proposals per temperature, so that small
+        problems (where a sweep is only a few proposals) still anneal properly.
+
+    Proposals cost O(1) from cached local fields f = Q x, accepted moves O(n) (two rows of
+    Q); Q is never copied. info: wall_time, sweeps, restarts, accepted, polish_swaps,
+    betas (hot, cold), energies (best per restart).
+    """
+
+    def __init__(
+        self,
+        num_betas: int = 100,
+        sweeps_per_beta: int = 1,
+        restarts: int = 1,
+        betas: Any = None,
+        beta_range: tuple[float, float] | None = None,
+        polish: bool = True,
+        start: str = "magnitude",
+        min_proposals_per_beta: int = 256,
+    ) -> None:
+        if num_betas < 1 or sweeps_per_beta < 1 or restarts < 1:
+            raise ValueError("num_betas, sweeps_per_beta and restarts must be >= 1")
+        if start not in ("magnitude", "random"):
+            raise ValueError(f"start must be 'magnitude' or 'random', got {start!r}")
+        if betas is not None:
+            betas = np.asarray(betas, dtype=np.float64).ravel()
+            if betas.size == 0 or not np.all(np.isfinite(betas)) or (betas < 0).any():
+                raise ValueError("betas must be a non-empty list of finite values >= 0")
+        if beta_range is not None:
+            if len(beta_range) != 2 or not (0 < beta_range[0] <= beta_range[1] < np.inf):
+                raise ValueError(f"beta_range must be (hot, cold) with 0 < hot <= cold, "
+                                 f"got {beta_range}")
+        self.num_betas = int(num_betas)
+        self.sweeps_per_beta = int(sweeps_per_beta)
+        self.restarts = int(restarts)
+        self.betas = betas
+        self.beta_range = beta_range
+        self.polish = bool(polish)
+        self.start = start
+        self.min_proposals_per_beta = int(min_proposals_per_beta)
+
+    def _solve(
+        self, problem: CardinalityQUBO, x0: np.ndarray | None, rng: np.random.Generator
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        Q = problem.Q
+        seeds = rng.integers(0, 2**31 - 1, size=self.restarts + 1)
+        if x0 is not None:
+            start = x0
+        elif self.start == "magnitude":
+            start = problem.magnitude_start()
+        else:
+            start = problem.random_state(rng)
+        if self.betas is not None:
+            betas = self.betas
+        elif self.beta_range is not None:
+            betas = np.geomspace(self.beta_range[0], self.beta_range[1], self.num_betas)
+        else:
+            betas = default_betas(problem, start, self.num_betas, int(seeds[-1]))
+        f0 = K.fields(Q, start)
+        diag = np.ascontiguousarray(np.diag(Q))
+        rowmax = row_max(problem) if self.polish else None
+        best_x, best_e = None, np.inf
+        energies, accepted, polish_swaps, proposals = [], 0, 0, 0
+        x = np.empty_like(start)
+        f = np.empty_like(f0)
+        xb = np.empty_like(start)
+        for r in range(self.restarts):
+            x[:] = start
+            f[:] = f0
+            perm, gstart, movable = K.layout(x, problem.groups, problem.k, problem.sizes)
+            steps = max(movable.size * self.sweeps_per_beta, self.min_proposals_per_beta)
+            _, _, acc = K.anneal_swaps(Q, diag, x, f, perm, gstart, problem.k, problem.sizes,
+                                       problem.groups, movable, betas, steps, int(seeds[r]), xb)
+            proposals += steps * betas.size
+            accepted += int(acc)
+            if self.polish:
+                fb = K.fields(Q, xb)  # exact fields of the best state (no drift)
+                perm, gstart, _ = K.layout(xb, problem.groups, problem.k, problem.sizes)
+                _, sw, _ = K.polish_sweep(Q, diag, xb, fb, perm, gstart, problem.k, problem.sizes,
+                                          rowmax, np.iinfo(np.int64).max)
+                polish_swaps += int(sw)
+            e = problem.energy(xb)
+            energies.append(e)
+            if e < best_e:
+                best_e, best_x = e, xb.copy()
+        info = {
+            "sweeps": int(betas.size * self.sweeps_per_beta),
+            "restarts": self.restarts,
+            "proposals": proposals,
+            "accepted": accepted,
+            "polish_swaps": polish_swaps,
+            "betas": (float(betas[0]), float(betas[-1])),
+            "energies": energies,
+        }
+        return best_x, info
