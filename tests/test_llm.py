@@ -199,3 +199,25 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(loaded):
         model.lm_head.weight.zero_()
     windows = torch.randint(0, model.config.vocab_size, (3, 16))
     assert perplexity(model, windows, batch_size=2) == pytest.approx(model.config.vocab_size)
+
+
+@pytest.mark.parametrize("init,pattern,reconstruct", [
+    ("wanda", "per_output", False),
+    ("sparsegpt", "2:4", True),
+])
+def test_icbs_improves_each_layer_from_its_start(loaded, text_file, init, pattern, reconstruct):
+    model, tokenizer = loaded
+    settings = LLMPruneSettings(method="icbs", init=init, pattern=pattern, nsamples=4,
+                                seqlen=32, budget=2.8, block_size=32, blocksize=16,
+                                reconstruct=reconstruct)
+    report = prune_model(model, tokenizer, settings, [text_file], progress=False)
+    assert len(report["layers"]) == 14
+    assert report["budget_used"] > 0
+    layers = dict(model.named_modules())
+    for record in report["layers"]:
+        mask = report["masks"][record["name"]]
+        assert mask_matches_pattern(mask, parse_pattern(pattern), 0.5)
+        assert torch.all(layers[record["name"]].weight[~mask] == 0)
+        assert record["error_after"] <= record["error_before"] * (1 + 1e-5)
+    assert sum(r["error_after"] for r in report["layers"]) < sum(
+        r["error_before"] for r in report["layers"])
