@@ -100,6 +100,7 @@ class Pruner:
         self.objective_start = self.estimator.objective(self.layers)
         self.objective = self.objective_start
         self._stop = False
+        self._loss: float | None = None  # calibration loss of the current masks, when known
 
     def _dense_gradients(self) -> dict[str, torch.Tensor]:
         signals, _ = per_sample_signals(self.model, self.layers, self.batches, self.loss_fn)
@@ -139,19 +140,23 @@ class Pruner:
         return record
 
     def _apply(self, index: int, answer: BlockAnswer) -> bool:
-        """Set the block's mask to the answer; with verify="loss", undo it unless the
+        """Set the block's mask to the answer; when verifying the loss, undo it unless the
         calibration loss went down. Returns whether the change stayed."""
         layer = self.layers[index]
         old = layer.mask.clone()
-        before = mean_loss(self.model, self.batches, self.loss_fn) \
-            if self.settings.verify == "loss" else None
+        verify = self.settings.verify_loss
+        if verify and self._loss is None:
+            self._loss = mean_loss(self.model, self.batches, self.loss_fn)
         set_block_mask(layer, answer)
         assert mask_matches_pattern(layer.mask.cpu(), self.pattern, self.settings.sparsity)
         layer.apply()
-        if before is not None and mean_loss(self.model, self.batches, self.loss_fn) >= before:
-            layer.mask = old
-            layer.apply()
-            return False
+        if verify:
+            loss = mean_loss(self.model, self.batches, self.loss_fn)
+            if loss >= self._loss:
+                layer.mask = old
+                layer.apply()
+                return False
+            self._loss = loss
         self.estimator.changed()
         return True
 
@@ -260,6 +265,7 @@ class Pruner:
         self.trace = [StepRecord(**r) for r in state["trace"]]
         self.elapsed = state["elapsed"]
         self.objective = state["objective"]
+        self._loss = None
         self.estimator.changed()
 
 

@@ -1,8 +1,9 @@
 """Which layer and which block of weights the next step works on.
 
 A block takes, from randomly chosen constraint groups of one layer, candidates from the
-pruned weights with the highest scores (the likeliest to come back) and from the kept
-weights with the lowest (the likeliest to go), half and half where the group allows.
+pruned weights and from the kept weights, half and half where the group allows: uniformly at
+random, or (`selection="score"`) favouring the pruned weights with the highest scores (the
+likeliest to come back) and the kept weights with the lowest (the likeliest to go).
 Optional controls, as in the paper: `fix_frac_prune` / `fix_frac_keep` take the lowest-scored
 pruned / highest-scored kept fraction of each group out of play, and a tabu list keeps the
 weights an accepted step changed out of the next `tabu_steps` blocks of that layer.
@@ -81,10 +82,12 @@ class BlockSelector:
         return np.sort(np.concatenate(block)) if block else np.zeros(0, dtype=np.int64)
 
     def _pick(self, side: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-        """`count` of `side` (best candidates first): at random among the best 2*count, or
-        uniformly at random for `selection="random"`."""
-        pool = side if self.selection == "random" else side[: 2 * count]
-        return rng.choice(pool, size=count, replace=False)
+        """`count` of `side` (best candidates first) at random: uniformly for
+        `selection="random"`, else with odds falling linearly with the rank."""
+        if self.selection == "random" or count == len(side):
+            return rng.choice(side, size=count, replace=False)
+        odds = np.arange(len(side), 0, -1, dtype=np.float64)
+        return rng.choice(side, size=count, replace=False, p=odds / odds.sum())
 
     def mark_changed(self, layer_index: int, changed: np.ndarray) -> None:
         self.tabu_until[layer_index][changed] = self.step + self.tabu_steps

@@ -11,7 +11,7 @@ from icbs.masks import check_sparsity, parse_pattern
 from icbs.scores import SCORES
 from icbs.selection import LAYER_CHOICES, SELECTIONS
 
-VERIFY = ("estimate", "loss")
+VERIFY = ("auto", "estimate", "loss")
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -36,7 +36,9 @@ class Settings:
         qubo_eps: entries with |Q| <= qubo_eps * max|Q| are dropped before solving.
     tabu_steps, fix_frac_prune, fix_frac_keep: search controls (see `icbs.selection`).
     verify: "estimate" accepts a step when the model's dL < 0; "loss" also requires the
-        calibration loss itself to go down (one extra forward pass per candidate step).
+        calibration loss itself to go down (one forward pass per candidate step); "auto"
+        is "loss" for the fisher and exact objectives and "estimate" for layerwise, whose
+        model is exact.
     include / exclude: shell-style patterns of layer names to prune / leave dense.
     checkpoint_every: steps between checkpoints when a checkpoint path is given.
     """
@@ -57,7 +59,7 @@ class Settings:
     tabu_steps: int = 0
     fix_frac_prune: float = 0.0
     fix_frac_keep: float = 0.0
-    verify: str = "estimate"
+    verify: str = "auto"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     seed: int = 0
@@ -92,6 +94,12 @@ class Settings:
         if self.score is not None:
             return self.score
         return "magnitude" if self.init == "random" else self.init
+
+    @property
+    def verify_loss(self) -> bool:
+        if self.verify == "auto":
+            return self.objective != "layerwise"
+        return self.verify == "loss"
 
     def to_dict(self) -> dict:
         return asdict(self)
