@@ -120,13 +120,14 @@ class Pruner:
         block = self.selector.choose_block(index, self.rng)
         seed = int(self.rng.integers(2**31))
         delta, accepted, solver_time, estimate_time = 0.0, False, 0.0, 0.0
+        solver_info: dict = {}
         if len(block) >= 2:
             idx = torch.as_tensor(block, device=layer.w0.device)
             answer = solve_block(layer, idx, self.groups[index], self.estimator, self.solver,
                                  gamma=settings.gamma, ridge=settings.ridge,
                                  eps=settings.qubo_eps, seed=seed)
             delta, solver_time = answer.delta, answer.solver_time
-            estimate_time = answer.estimate_time
+            estimate_time, solver_info = answer.estimate_time, _json_safe(answer.solver_info)
             accepted = answer.improves and self._apply(index, answer)
             if accepted:
                 self.selector.mark_changed(index, block[answer.changed])
@@ -135,7 +136,7 @@ class Pruner:
         record = StepRecord(
             step=len(self.trace), time=self.elapsed, layer=layer.name, block_size=len(block),
             delta=delta, accepted=bool(accepted), solver_time=solver_time,
-            estimate_time=estimate_time, objective=self.objective)
+            estimate_time=estimate_time, objective=self.objective, solver_info=solver_info)
         self.trace.append(record)
         return record
 
@@ -267,6 +268,12 @@ class Pruner:
         self.objective = state["objective"]
         self._loss = None
         self.estimator.changed()
+
+
+def _json_safe(info: dict) -> dict:
+    """The solver's scalar info (penalty, repairs, sweeps, ...) for the step record."""
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in info.items()
+            if isinstance(v, (int, float, str, bool, np.generic))}
 
 
 def _progress_bar(max_steps: int | None, seconds: float | None, show: bool):

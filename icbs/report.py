@@ -23,6 +23,7 @@ class StepRecord:
     solver_time: float
     estimate_time: float
     objective: float
+    solver_info: dict = field(default_factory=dict)
 
 
 @dataclass

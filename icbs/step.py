@@ -24,6 +24,7 @@ class BlockAnswer:
     delta: float
     estimate_time: float
     solver_time: float
+    solver_info: dict
 
     @property
     def changed(self) -> np.ndarray:
@@ -59,7 +60,7 @@ def solve_block(
     estimate_time = time.perf_counter() - t0
     result = solver.solve(qubo.problem, x0=qubo.x_current, seed=seed)
     return BlockAnswer(idx, result.x, qubo.x_current, qubo.delta(result.x), estimate_time,
-                       result.info["wall_time"])
+                       result.info["wall_time"], result.info)
 
 
 def set_block_mask(layer: PrunableLayer, answer: BlockAnswer) -> None:

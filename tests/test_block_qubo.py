@@ -81,7 +81,7 @@ def test_layerwise_qubo_is_the_true_change_in_reconstruction_error(pattern, reco
     deltas = np.array([qubo.delta(x) for x in feasible])
     assert np.argmin(energies) == np.argmin(deltas)
     best = feasible[int(np.argmin(deltas))]
-    answer = BlockAnswer(idx, best, qubo.x_current, qubo.delta(best), 0.0, 0.0)
+    answer = BlockAnswer(idx, best, qubo.x_current, qubo.delta(best), 0.0, 0.0, {})
     set_block_mask(layer, answer)
     for gid in groups.unique():
         in_group = groups == gid
