@@ -103,16 +103,28 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024, 4096])
     ap.add_argument("--patterns", nargs="+", default=["one", "rows"])
-    ap.add_argument("--m", type=int, default=64, help="rows of G (calibration samples)")
+    ap.add_argument("--m", type=int, default=64,
+                    help="rows of G (calibration samples); 0 means m = n (full-rank H)")
     ap.add_argument("--memory-sizes", type=int, nargs="*", default=[8192, 16384])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="n = 64, 256; no memory runs")
+    ap.add_argument("--solvers", nargs="+", default=["greedy", "anneal", "neal"])
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
+    ap.add_argument("--replot", action="store_true", help="redraw the PNG from the CSV only")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.memory_sizes = [64, 256], []
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"bench_solvers{args.tag}"
+    if args.replot:
+        with open(f"{stem}.csv") as fh:
+            rows = [{**r, "n": int(r["n"]), "energy": float(r["energy"]), "gap": float(r["gap"]),
+                     "wall_time": float(r["wall_time"]), "e_best": float(r["e_best"])}
+                    for r in csv.DictReader(fh)]
+        plot(rows, stem.with_suffix(".png"))
+        return
 
     t0 = time.perf_counter()
     warm_up()
@@ -121,13 +133,15 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     for n in args.sizes:
         for pattern in args.patterns:
-            problem = pruning_instance(n, args.m, args.seed + n, pattern)
+            problem = pruning_instance(n, args.m or n, args.seed + n, pattern)
             e_start = problem.energy(problem.magnitude_start())
             t = time.perf_counter()
             problem.to_bqm()
             bqm_time = time.perf_counter() - t
             inst_rows = []
             for name, params in runs_for(n):
+                if name not in args.solvers:
+                    continue
                 r = run_one(problem, name, params, args.seed)
                 row = {"n": n, "pattern": pattern, "solver": name,
                        "params": json.dumps(params, sort_keys=True), "e_start": e_start, **r}
@@ -144,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
 
     fields = ["n", "pattern", "solver", "params", "energy", "gap", "wall_time", "e_start",
               "e_best", "penalty", "infeasible", "repair_flips", "bqm_build_time"]
-    with open(args.out / "bench_solvers.csv", "w", newline="") as fh:
+    with open(f"{stem}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         for r in rows:
@@ -152,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
 
     mem_rows = []
     for n in args.memory_sizes:
-        problem = pruning_instance(n, args.m, args.seed + n, "one")
+        problem = pruning_instance(n, args.m or n, args.seed + n, "one")
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         e_start = problem.energy(problem.magnitude_start())
         res = get_solver("anneal").solve(problem, seed=args.seed)
@@ -164,13 +178,13 @@ def main(argv: list[str] | None = None) -> None:
                  n, res.energy, e_start, res.info["wall_time"], mem_rows[-1]["q_gib"], rss)
         del problem, res
     if mem_rows:
-        with open(args.out / "bench_solvers_memory.csv", "w", newline="") as fh:
+        with open(f"{stem}_memory.csv", "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(mem_rows[0]))
             w.writeheader()
             w.writerows(mem_rows)
 
-    plot(rows, args.out / "bench_solvers.png")
-    (args.out / "bench_solvers.md").write_text(summary(rows, mem_rows, args))
+    plot(rows, stem.with_suffix(".png"))
+    stem.with_suffix(".md").write_text(summary(rows, mem_rows, args))
     log.info("total %.1f s; wrote %s", time.perf_counter() - t0, args.out)
 
 
@@ -186,6 +200,7 @@ def label(r: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Top: gap to the best energy relative to the start; bottom: E / E_best - 1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,37 +208,44 @@ def plot(rows: list[dict], path: Path) -> None:
 
     patterns = sorted({r["pattern"] for r in rows})
     sizes = sorted({r["n"] for r in rows})
-    fig, axes = plt.subplots(1, len(patterns), figsize=(7 * len(patterns), 5.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(patterns), figsize=(6.5 * len(patterns), 9), squeeze=False)
     colors = dict(zip(sizes, plt.cm.viridis(np.linspace(0, 0.9, len(sizes))), strict=True))
     markers = {"greedy": "s", "anneal": "o", "neal": "^"}
     floor = 1e-6
-    for ax, pattern in zip(axes[0], patterns, strict=True):
-        for r in rows:
-            if r["pattern"] != pattern:
-                continue
-            ax.scatter(max(r["wall_time"], 1e-4), max(r["gap"], floor), s=40,
-                       marker=markers[r["solver"]], color=colors[r["n"]],
-                       facecolors="none" if r["solver"] == "neal" else colors[r["n"]])
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("wall time per call [s], one core")
-        ax.set_ylabel(f"energy gap (E - E_best) / (E_start - E_best), floor {floor:g}")
-        ax.set_title(f"k = n/2, groups: {pattern}")
-        ax.grid(True, which="major", alpha=0.3)
+    measures = [("gap", "gap (E - E_best) / (E_start - E_best)"),
+                ("excess", "excess E / E_best - 1")]
+    for col, pattern in enumerate(patterns):
+        for row, (key, name) in enumerate(measures):
+            ax = axes[row][col]
+            for r in rows:
+                if r["pattern"] != pattern:
+                    continue
+                value = r["gap"] if key == "gap" else r["energy"] / r["e_best"] - 1
+                ax.scatter(max(r["wall_time"], 1e-4), max(value, floor), s=36,
+                           marker=markers[r["solver"]], color=colors[r["n"]],
+                           facecolors="none" if r["solver"] == "neal" else colors[r["n"]])
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("wall time per call [s], one core")
+            ax.set_ylabel(f"{name}\n(0 drawn at {floor:g})")
+            ax.set_title(f"k = n/2, groups: {pattern}")
+            ax.grid(True, which="major", alpha=0.3)
     handles = [plt.Line2D([], [], ls="", marker=m, color="k", mfc="none" if s == "neal" else "k",
                           label=s) for s, m in markers.items()]
     handles += [plt.Line2D([], [], ls="", marker="o", color=c, label=f"n = {n}")
                 for n, c in colors.items()]
-    axes[0][-1].legend(handles=handles, loc="upper right", fontsize=8)
-    fig.suptitle("Solvers on pruning-like QUBOs: gap to the best known energy vs time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=9,
+               bbox_to_anchor=(0.5, 0.955))
+    fig.suptitle("Solvers on pruning-like QUBOs (Q = 1/2 w w^T * H): energy vs wall time")
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def summary(rows: list[dict], mem_rows: list[dict], args: argparse.Namespace) -> str:
-    cmd = "python experiments/bench_solvers.py" + (" --quick" if args.quick else "")
-    out = [f"Command: `{cmd}` (m = {args.m}, seed {args.seed}, one core, compile excluded)", ""]
+    cmd = "python " + " ".join(["experiments/bench_solvers.py", *sys.argv[1:]])
+    m = args.m if args.m else "n"
+    out = [f"Command: `{cmd}` (m = {m}, seed {args.seed}, one core, compile excluded)", ""]
     out.append("| n | groups | solver | energy | gap | time [s] |")
     out.append("|---|---|---|---|---|---|")
     for r in rows:

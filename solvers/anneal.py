@@ -29,15 +29,16 @@ def default_betas(
     x: np.ndarray,
     num_betas: int,
     seed: int,
-    hot_accept: float = 0.1,
-    cold_accept: float = 0.001,
-    cold_quantile: float = 0.0,
+    hot_accept: float = 0.03,
+    cold_accept: float = 0.01,
+    cold_quantile: float = 1.0,
 ) -> np.ndarray:
     """Geometric inverse temperatures from the scale of Q at state x.
 
     Samples random swaps from x: the hot end accepts a median-size uphill swap with
     probability `hot_accept`; the cold end accepts the `cold_quantile` percentile of the
-    nonzero sampled |dE| (default the smallest) with probability `cold_accept`.
+    nonzero sampled |dE| with probability `cold_accept`. (Tuned on pruning-like instances,
+    low- and full-rank H: a colder end only adds frozen sweeps; the final polish does that.)
     """
     perm, gstart, movable = K.layout(x, problem.groups, problem.k, problem.sizes)
     if movable.size == 0 or num_betas < 1:
@@ -87,7 +88,7 @@ class SwapAnnealer(Solver):
         beta_range: tuple[float, float] | None = None,
         polish: bool = True,
         start: str = "magnitude",
-        min_proposals_per_beta: int = 256,
+        min_proposals_per_beta: int = 512,
     ) -> None:
         if num_betas < 1 or sweeps_per_beta < 1 or restarts < 1:
             raise ValueError("num_betas, sweeps_per_beta and restarts must be >= 1")
