@@ -77,8 +77,8 @@ class FisherEstimator:
         return torch.einsum("stb,stb->sb", s.delta[:, :, idx // cols], s.x[:, :, idx % cols])
 
     def block(self, layer: PrunableLayer, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        G = self.per_sample_gradients(layer, idx).double()
-        return G.mean(0), G.T @ G / G.shape[0]
+        G = self.per_sample_gradients(layer, idx)
+        return G.double().mean(0), (G.T @ G).double() / G.shape[0]
 
     def objective(self, layers: list[PrunableLayer]) -> float:
         self._refresh()
