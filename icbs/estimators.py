@@ -33,7 +33,7 @@ class LayerwiseEstimator:
         cols = layer.shape[1]
         r, c = idx // cols, idx % cols
         rows, row_of = torch.unique(r, return_inverse=True)
-        diff = layer.pruned_weight()[rows] - layer.w0[rows]
+        diff = layer.weight[rows] * layer.mask[rows] - layer.w0[rows]
         g = 2.0 * (diff @ Hx)[row_of, c]
         H = 2.0 * Hx[c][:, c] * (r.unsqueeze(1) == r.unsqueeze(0))
         return g, H

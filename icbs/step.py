@@ -54,8 +54,9 @@ def solve_block(
     t0 = time.perf_counter()
     g, H = estimator.block(layer, idx)
     keep = layer.mask.flatten()[idx]
-    v = torch.where(keep, layer.weight.flatten()[idx], layer.w0.flatten()[idx])
-    a = v - layer.pruned_weight().flatten()[idx]
+    current = layer.weight.flatten()[idx]
+    v = torch.where(keep, current, layer.w0.flatten()[idx])
+    a = v - current * keep
     qubo = build_block_qubo(v, a, g, H, ~keep, groups[idx], gamma=gamma, ridge=ridge, eps=eps)
     estimate_time = time.perf_counter() - t0
     result = solver.solve(qubo.problem, x0=qubo.x_current, seed=seed)
