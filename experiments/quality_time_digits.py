@@ -78,12 +78,15 @@ def summary_table(rows: list[dict], budgets: list[float]) -> str:
     sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0})
     header = ["sparsity", "magnitude", "Wanda"] + [f"iCBS {b:g} s" for b in budgets]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def med(s, method, budget=0):
+        return statistics.median(r["test_acc"] for r in rows if r["sparsity"] == s
+                                 and r["method"] == method and r["budget_cpu_s"] == budget)
+
     for s in sparsities:
-        def med(method, budget=0):
-            return statistics.median(r["test_acc"] for r in rows if r["sparsity"] == s
-                                     and r["method"] == method and r["budget_cpu_s"] == budget)
-        cells = [f"{100 * s:.0f}%", f"{100 * med('magnitude'):.1f}",
-                 f"{100 * med('wanda'):.1f}"] + [f"{100 * med('icbs', b):.1f}" for b in budgets]
+        cells = [f"{100 * s:.0f}%", f"{100 * med(s, 'magnitude'):.1f}",
+                 f"{100 * med(s, 'wanda'):.1f}"]
+        cells += [f"{100 * med(s, 'icbs', b):.1f}" for b in budgets]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

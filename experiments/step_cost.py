@@ -51,31 +51,26 @@ def demo_steps(data, steps: int) -> dict:
     }
 
 
-def scaling(data, widths: list[int], repeats: int) -> list[dict]:
-    rows = []
-    for h in widths:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(),
-                              nn.Linear(h, 10))
-        pruner = Pruner(model, [(data.x_train, data.y_train)],
-                        Settings(sparsity=0.9, block_size=256))
-        index = 1
-        layer = pruner.layers[index]
-        rng = np.random.default_rng(0)
-        blocks = [torch.as_tensor(pruner.selector.choose_block(index, rng)) for _ in range(repeats)]
-        pruner.estimator.block(layer, blocks[0])  # fill the signal cache
-        it = iter(blocks * 2)
-        estimate = median_ms(lambda: pruner.estimator.block(layer, next(it)), repeats)
-        it = iter(blocks * 2)
-        step = median_ms(lambda: solve_block(layer, next(it), pruner.groups[index],
-                                             pruner.estimator, pruner.solver, seed=0), repeats)
-        refresh = median_ms(lambda: per_sample_signals(model, pruner.layers, pruner.batches,
-                                                       pruner.loss_fn), 5)
-        rows.append({"width": h, "layer_weights": layer.numel, "samples": len(data.x_train),
-                     "block": 256, "estimate_ms": estimate, "estimate_build_solve_ms": step,
-                     "refresh_ms": refresh})
-        print(rows[-1])
-    return rows
+def measure_width(data, h: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(),
+                          nn.Linear(h, 10))
+    pruner = Pruner(model, [(data.x_train, data.y_train)], Settings(sparsity=0.9, block_size=256))
+    index = 1
+    layer = pruner.layers[index]
+    rng = np.random.default_rng(0)
+    blocks = [torch.as_tensor(pruner.selector.choose_block(index, rng)) for _ in range(repeats)]
+    pruner.estimator.block(layer, blocks[0])  # fill the signal cache
+    it = iter(blocks * 2)
+    estimate = median_ms(lambda: pruner.estimator.block(layer, next(it)), repeats)
+    it = iter(blocks * 2)
+    step = median_ms(lambda: solve_block(layer, next(it), pruner.groups[index],
+                                         pruner.estimator, pruner.solver, seed=0), repeats)
+    refresh = median_ms(lambda: per_sample_signals(model, pruner.layers, pruner.batches,
+                                                   pruner.loss_fn), 5)
+    return {"width": h, "layer_weights": layer.numel, "samples": len(data.x_train),
+            "block": 256, "estimate_ms": estimate, "estimate_build_solve_ms": step,
+            "refresh_ms": refresh}
 
 
 def main() -> None:
@@ -88,7 +83,10 @@ def main() -> None:
     data = load_data()
     demo = demo_steps(data, 200)
     print("digits demo step (block 256):", demo)
-    rows = scaling(data, args.widths, args.repeats)
+    rows = []
+    for h in args.widths:
+        rows.append(measure_width(data, h, args.repeats))
+        print(rows[-1])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "step_cost.csv", "w", newline="") as f:
