@@ -251,6 +251,8 @@ def summary(rows: list[dict], mem_rows: list[dict], args: argparse.Namespace) ->
     for r in rows:
         out.append(f"| {r['n']} | {r['pattern']} | {label(r)} | {r['energy']:.5g} | "
                    f"{r['gap']:.2e} | {r['wall_time']:.3f} |")
+    if not any(r["solver"] == "neal" for r in rows):
+        return "\n".join(out) + "\n"
     out += ["", "anneal (default, one restart) against the best neal run of each instance:", "",
             "| n | groups | E anneal | t anneal | best E neal | its t | E ratio neal/anneal "
             "| fastest anneal run with E <= best neal: t, speed-up |",

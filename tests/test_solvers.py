@@ -307,3 +307,11 @@ def test_swap_move_set_connects_feasible_states():
     p = CardinalityQUBO(np.eye(6), 3)
     states = [np.isin(np.arange(6), c).astype(np.int8) for c in combinations(range(6), 3)]
     assert all(p.is_feasible(s) for s in states) and len(states) == p.num_feasible()
+
+
+def test_neal_warm_start_becomes_the_initial_state():
+    p = random_problem(np.random.default_rng(10), 12, max_groups=1)
+    x0 = p.random_state(np.random.default_rng(0))
+    # frozen at a very low temperature, neal keeps the initial state: x0 was passed through
+    frozen = get_solver("neal", num_reads=2, num_sweeps=5, beta_range=(1e6, 1e6), penalty=1e3)
+    assert np.array_equal(frozen.solve(p, x0=x0, seed=0).x, x0)

@@ -207,3 +207,9 @@ def test_load_rejects_other_npz(tmp_path):
     np.savez(tmp_path / "x.npz", a=np.zeros(2))
     with pytest.raises(ValueError, match="missing"):
         CardinalityQUBO.load(tmp_path / "x.npz")
+
+
+def test_large_nonsymmetric_Q_is_symmetrized_in_chunks():
+    A = np.random.default_rng(5).standard_normal((1100, 1100))  # more than two row chunks
+    p = CardinalityQUBO(A, 550)
+    assert np.array_equal(p.Q, 0.5 * (A + A.T)) and np.array_equal(p.Q, p.Q.T)
