@@ -1,0 +1,145 @@
+"""Perplexity versus pruning time on a causal LM: dense, magnitude, Wanda, SparseGPT and iCBS.
+
+One CSV row per run (method, pattern, sparsity, budget, wall time, perplexity) and one PNG
+panel per setting. Rows already in the CSV are skipped, so an interrupted run resumes.
+
+    python experiments/quality_time_llm.py --model MODEL.gguf --calib a.txt b.txt \
+        --eval c.txt d.txt --budgets 120 600 --out experiments/results/llm
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from icbs.llm.commands import text_perplexity
+from icbs.llm.load import load_model, resolve_model_dir
+from icbs.llm.prune import LLMPruneSettings, prune_model
+from icbs.masks import parse_pattern
+
+FIELDS = ["method", "init", "reconstruct", "pattern", "sparsity", "budget", "prune_seconds",
+          "perplexity", "nsamples", "seqlen", "scored_tokens"]
+METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "icbs", "icbs+rec"]
+
+
+def parse_setting(text: str) -> tuple[str, float]:
+    """"per_output@0.5" -> ("per_output", 0.5); "2:4" -> ("2:4", 0.5)."""
+    name, _, sparsity = text.partition("@")
+    pattern = parse_pattern(name)
+    if pattern.kind == "nm":
+        return str(pattern), 1 - pattern.n / pattern.m
+    if not sparsity:
+        raise ValueError(f"setting {text!r} needs a sparsity, e.g. {name}@0.5")
+    return str(pattern), float(sparsity)
+
+
+def runs(args):
+    """(key, settings or None for dense) for every run the arguments ask for."""
+    if "dense" in args.methods:
+        yield ("dense", "-", 0.0, 0.0), None
+    for pattern, sparsity in map(parse_setting, args.settings):
+        common = dict(pattern=pattern, sparsity=sparsity, nsamples=args.nsamples,
+                      seqlen=args.seqlen, seed=args.seed, block_size=args.block_size,
+                      solver=args.solver, init=args.init)
+        for method in args.methods:
+            if method in ("magnitude", "wanda", "sparsegpt"):
+                yield (method, pattern, sparsity, 0.0), LLMPruneSettings(method=method, **common)
+            elif method.startswith("icbs"):
+                for budget in args.budgets:
+                    yield (method, pattern, sparsity, float(budget)), LLMPruneSettings(
+                        method="icbs", budget=budget, reconstruct=method == "icbs+rec", **common)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({(r["pattern"], float(r["sparsity"])) for r in rows
+                       if r["method"] != "dense"})
+    dense = [float(r["perplexity"]) for r in rows if r["method"] == "dense"]
+    fig, axes = plt.subplots(1, max(1, len(settings)), figsize=(5 * max(1, len(settings)), 4),
+                             squeeze=False)
+    for ax, (pattern, sparsity) in zip(axes[0], settings, strict=False):
+        chosen = [r for r in rows if r["pattern"] == pattern and float(r["sparsity"]) == sparsity]
+        for method in METHODS[1:]:
+            pts = sorted((float(r["prune_seconds"]), float(r["perplexity"])) for r in chosen
+                         if r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o-" if method.startswith("icbs") else "s",
+                        label=method)
+        if dense:
+            ax.axhline(dense[0], color="gray", ls="--", label="dense")
+        ax.set(title=f"{pattern} {sparsity:.0%}", xlabel="pruning time (s)", ylabel="perplexity",
+               yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="HF model directory or .gguf file")
+    parser.add_argument("--calib", nargs="+", required=True, metavar="FILE")
+    parser.add_argument("--eval", nargs="+", required=True, metavar="FILE")
+    parser.add_argument("--settings", nargs="+",
+                        default=["per_output@0.5", "2:4", "per_output@0.7"],
+                        help='PATTERN@SPARSITY, e.g. "per_output@0.5"; N:M alone, e.g. "2:4"')
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--budgets", nargs="+", type=float, default=[120.0, 600.0],
+                        help="iCBS seconds of block steps over the whole model")
+    parser.add_argument("--init", default="wanda", choices=["wanda", "sparsegpt"])
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=16384, help="evaluated tokens")
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--solver", default="anneal")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 measured fastest on a shared 2-core machine)")
+    parser.add_argument("--out", default="experiments/results/llm")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "quality_time.csv"
+    rows = list(csv.DictReader(csv_path.open())) if csv_path.exists() else []
+    done = {(r["method"], r["pattern"], float(r["sparsity"]), float(r["budget"])) for r in rows}
+    model_dir = resolve_model_dir(args.model)
+    for key, settings in runs(args):
+        if key in done:
+            continue
+        model, tokenizer = load_model(model_dir, "cpu")
+        tic = time.perf_counter()
+        if settings is not None:
+            prune_model(model, tokenizer, settings, args.calib, progress=False)
+        seconds = time.perf_counter() - tic
+        result = text_perplexity(model, tokenizer, args.eval, args.seqlen, args.max_tokens,
+                                 progress=False)
+        method, pattern, sparsity, budget = key
+        row = dict(method=method, init=args.init if method.startswith("icbs") else "",
+                   reconstruct=method == "icbs+rec", pattern=pattern, sparsity=sparsity,
+                   budget=budget, prune_seconds=round(seconds, 1),
+                   perplexity=round(result["perplexity"], 3), nsamples=args.nsamples,
+                   seqlen=args.seqlen, scored_tokens=result["scored_tokens"])
+        rows.append({k: str(v) for k, v in row.items()})
+        print(",".join(str(row[f]) for f in FIELDS), flush=True)
+        with csv_path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        plot(rows, out / "quality_time.png")
+
+
+if __name__ == "__main__":
+    main()
