@@ -49,7 +49,17 @@ class BlockSelector:
             order = np.lexsort((score, gid))  # by group, then ascending score
             self.group_orders.append(order.reshape(gid.max() + 1, -1))
         self.tabu_until = [np.zeros(layer.numel, dtype=np.int64) for layer in layers]
+        self.group_queue: list[np.ndarray | None] = [None] * len(layers)
+        self.cursor = [0] * len(layers)
         self.step = 0
+
+    def prioritize_rows(self, layer_index: int, row_priority: np.ndarray) -> None:
+        """Visit this layer's groups by descending priority of their rows, cyclically,
+        instead of at random (e.g. the rows with the largest error first)."""
+        cols = self.layers[layer_index].shape[1]
+        group_rows = self.group_orders[layer_index][:, 0] // cols
+        self.group_queue[layer_index] = np.argsort(-row_priority[group_rows], kind="stable")
+        self.cursor[layer_index] = 0
 
     def choose_layer(self, rng: np.random.Generator) -> int:
         if self.layer_choice == "round_robin":
@@ -63,9 +73,13 @@ class BlockSelector:
         free = self.tabu_until[layer_index] <= self.step
         block: list[np.ndarray] = []
         room = self.block_size
-        for g in rng.permutation(len(orders)):
+        queue, start = self.group_queue[layer_index], self.cursor[layer_index]
+        groups = rng.permutation(len(orders)) if queue is None else np.roll(queue, -start)
+        visited = 0
+        for g in groups:
             if room < 2:
                 break
+            visited += 1
             order = orders[g]
             p_side = order[pruned[order]]
             k_side = order[~pruned[order]]
@@ -78,6 +92,8 @@ class BlockSelector:
             n_k = min(len(k_side), room - n_p)
             block += [self._pick(p_side, n_p, rng), self._pick(k_side, n_k, rng)]
             room -= n_p + n_k
+        if queue is not None:
+            self.cursor[layer_index] = (start + visited) % len(queue)
         self.step += 1
         return np.sort(np.concatenate(block)) if block else np.zeros(0, dtype=np.int64)
 
@@ -93,8 +109,10 @@ class BlockSelector:
         self.tabu_until[layer_index][changed] = self.step + self.tabu_steps
 
     def state(self) -> dict:
-        return {"step": self.step, "tabu_until": [t.copy() for t in self.tabu_until]}
+        return {"step": self.step, "tabu_until": [t.copy() for t in self.tabu_until],
+                "group_queue": list(self.group_queue), "cursor": list(self.cursor)}
 
     def load_state(self, state: dict) -> None:
         self.step = state["step"]
         self.tabu_until = [np.asarray(t) for t in state["tabu_until"]]
+        self.group_queue, self.cursor = list(state["group_queue"]), list(state["cursor"])
