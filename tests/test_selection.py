@@ -86,3 +86,12 @@ def test_layer_choice_round_robin_and_log_size():
     draws = np.bincount([by_size.choose_layer(rng) for _ in range(4000)], minlength=2)
     expected = np.log(8) / (np.log(8) + np.log(4096))  # 0.2
     assert abs(draws[0] / 4000 - expected) < 0.03
+
+
+def test_rows_visited_by_priority_then_cyclically():
+    layer = layer_with_mask(rows=4, cols=8, pattern="per_output")
+    sel = BlockSelector([layer], {"l": layer.w0.abs()}, parse_pattern("per_output"), 8)
+    sel.prioritize_rows(0, np.array([0.5, 3.0, 1.0, 2.0]))
+    rng = np.random.default_rng(0)
+    rows = [int(np.unique(sel.choose_block(0, rng) // 8)[0]) for _ in range(6)]
+    assert rows == [1, 3, 2, 0, 1, 3]
