@@ -48,10 +48,9 @@ def main() -> None:
                 rows.append(dict(sparsity=sparsity, seed=seed, method=init, budget_cpu_s=0,
                                  cpu_s=r.seconds, wall_s=r.seconds, test_acc=r.accuracy,
                                  test_loss=r.loss, steps=0))
-            # Run a little past the last budget in wall time so the CPU budget is reached.
             settings = Settings(init="magnitude", objective="fisher", **common)
-            result, _ = run_icbs(dense, data, settings, Budget(seconds=2 * max(args.budgets)),
-                                 progress=False)
+            result, _ = run_icbs(dense, data, settings, Budget(seconds=20 * max(args.budgets)),
+                                 progress=False, cpu_seconds=max(args.budgets))
             curves[sparsity, seed] = result.curve
             for budget in args.budgets:
                 step = max(i for i, c in enumerate(result.curve) if c[1] <= budget)
@@ -112,6 +111,7 @@ def plot(rows, curves, args, path: Path, dense_acc: float) -> None:
         ax.set_title(f"{100 * sparsity:.0f}% sparsity")
         ax.set_xlabel("pruning time (CPU s)")
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(0, max(args.budgets))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][0].legend(loc="lower right", fontsize=8)

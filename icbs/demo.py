@@ -7,6 +7,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,12 +38,16 @@ def one_shot(dense: torch.nn.Module, data: DigitsData, settings: Settings) -> Me
 
 
 def run_icbs(dense: torch.nn.Module, data: DigitsData, settings: Settings, budget: Budget,
-             progress: bool | None = None) -> tuple[MethodResult, dict]:
-    """iCBS from the settings' initial mask. Test accuracy and loss are recorded after every
-    step for the quality-time curve; the time spent evaluating is left out of its clocks."""
+             progress: bool | None = None, solver: Any = None,
+             cpu_seconds: float | None = None) -> tuple[MethodResult, dict]:
+    """iCBS from the settings' initial mask, stopping at `budget` or after `cpu_seconds` of
+    CPU time. Test accuracy and loss are recorded after every step for the quality-time
+    curve; the time spent evaluating is left out of its clocks.
+    `solver` (a name, "dimod:<module>:<class>", a Solver or a dimod sampler) overrides
+    `settings.solver`."""
     model = copy.deepcopy(dense)
     cpu0 = time.process_time()
-    pruner = Pruner(model, [(data.x_train, data.y_train)], settings)
+    pruner = Pruner(model, [(data.x_train, data.y_train)], settings, solver=solver)
     eval_cpu = 0.0
     curve = []
 
@@ -52,6 +57,8 @@ def run_icbs(dense: torch.nn.Module, data: DigitsData, settings: Settings, budge
         curve.append((p.init_seconds + p.elapsed, cpu - cpu0 - eval_cpu,
                       *evaluate(model, data.x_test, data.y_test)))
         eval_cpu += time.process_time() - cpu
+        if cpu_seconds is not None and curve[-1][1] >= cpu_seconds:
+            p.stop()
 
     record(pruner)
     report = pruner.run(budget, callback=record, progress=progress)
@@ -70,6 +77,7 @@ def run_demo(
     pattern: str = "unstructured",
     out: str | Path = "icbs-demo",
     progress: bool | None = None,
+    solver: Any = "anneal",
 ) -> list[MethodResult]:
     """Run the demo, write `report.json` and `accuracy.png` under `out`, return the results."""
     data = load_data()
@@ -79,8 +87,11 @@ def run_demo(
     results = [MethodResult("dense", dense_acc, dense_loss, 0.0)]
     results += [one_shot(dense, data, Settings(init=init, **common))
                 for init in ("magnitude", "wanda")]
-    settings = Settings(init="magnitude", objective="fisher", **common)
-    icbs_result, report = run_icbs(dense, data, settings, Budget(seconds=seconds), progress)
+    settings = Settings(init="magnitude", objective="fisher",
+                        solver=solver if isinstance(solver, str) else type(solver).__name__,
+                        **common)
+    icbs_result, report = run_icbs(dense, data, settings, Budget(seconds=seconds), progress,
+                                   solver=solver)
     results.append(icbs_result)
 
     out = Path(out)

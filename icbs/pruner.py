@@ -95,6 +95,7 @@ class Pruner:
             self.estimator = ExactEstimator(model, self.layers, self.batches, self.loss_fn)
         self.rng = np.random.default_rng(settings.seed)
         self.trace: list[StepRecord] = []
+        self.last_block: np.ndarray | None = None
         self.elapsed = 0.0
         self.init_seconds = time.perf_counter() - start
         self.objective_start = self.estimator.objective(self.layers)
@@ -118,6 +119,7 @@ class Pruner:
         index = self.selector.choose_layer(self.rng)
         layer = self.layers[index]
         block = self.selector.choose_block(index, self.rng)
+        self.last_block = block  # flat weight indices of this step's block (for exporters)
         seed = int(self.rng.integers(2**31))
         delta, accepted, solver_time, estimate_time = 0.0, False, 0.0, 0.0
         solver_info: dict = {}
@@ -202,12 +204,16 @@ class Pruner:
             log.warning("interrupted after step %d; checkpoint is consistent", len(self.trace))
         return self.report()
 
+    def stop(self) -> None:
+        """Ask `run` to stop after the current step (what Ctrl-C does)."""
+        self._stop = True
+
     def _catch_sigint(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
 
         def handler(signum, frame):
-            self._stop = True
+            self.stop()
 
         previous = signal.signal(signal.SIGINT, handler)
         return lambda: signal.signal(signal.SIGINT, previous)
