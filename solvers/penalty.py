@@ -141,6 +141,19 @@ class NealSolver(PenaltySolver):
         return x, info
 
 
+def declared_max_variables(sampler: Any) -> int | None:
+    """The most variables a dense problem may have on `sampler`, as the sampler declares it:
+    ``properties["max_variables"]``, a ``largest_clique_size`` (D-Wave's clique sampler), or
+    the number of nodes of a structured sampler; None when it declares nothing."""
+    props = getattr(sampler, "properties", None) or {}
+    for value in (props.get("max_variables"), props.get("largest_clique_size"),
+                  getattr(sampler, "largest_clique_size", None)):
+        if isinstance(value, (int, np.integer)) and value >= 1:
+            return int(value)
+    nodelist = getattr(sampler, "nodelist", None)
+    return len(nodelist) if nodelist else None
+
+
 @_register("dimod")
 class DimodSolver(PenaltySolver):
     """Any `dimod.Sampler` (a D-Wave QPU via EmbeddingComposite, a hybrid solver, a
@@ -150,7 +163,9 @@ class DimodSolver(PenaltySolver):
     ----------
     sampler : the dimod.Sampler instance (required).
     max_variables : refuse larger problems with a clear error (a dense block embeds on
-        today's annealing QPUs only up to about 120-180 variables).
+        today's annealing QPUs only up to about 120-180 variables); default: what the sampler
+        declares (`declared_max_variables`), else no limit. The iCBS loop caps its block
+        size at this number.
     penalty, polish : as for `neal`.
     Other keywords go to `sampler.sample` (e.g. num_reads). A `seed` keyword is passed only
     if the sampler declares it in `parameters`; x0 is not used (most samplers cannot take it).
@@ -165,6 +180,8 @@ class DimodSolver(PenaltySolver):
 
         if sampler is None or not isinstance(sampler, dimod.Sampler):
             raise ValueError(f"'dimod' needs sampler=<a dimod.Sampler instance>, got {sampler!r}")
+        if max_variables is None:
+            max_variables = declared_max_variables(sampler)
         super().__init__(penalty=penalty, polish=polish, max_variables=max_variables,
                          **sample_kwargs)
         self.sampler = sampler
