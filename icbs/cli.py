@@ -17,6 +17,9 @@ def add_demo_command(subparsers) -> None:
     p.add_argument("--pattern", default="unstructured",
                    help="unstructured, per_output or N:M (default unstructured)")
     p.add_argument("--block-size", type=int, default=256, help="QUBO variables (default 256)")
+    p.add_argument("--solver", default="anneal",
+                   help="block solver: anneal, greedy, neal, ... or dimod:<module>:<class> (any "
+                        "dimod sampler; the block size is capped at its declared maximum)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="icbs-demo", help="output folder (default icbs-demo)")
     p.add_argument("--threads", type=int, default=1,
@@ -32,7 +35,7 @@ def _demo(args) -> None:
 
     torch.set_num_threads(args.threads)
     results = run_demo(args.sparsity, args.budget, seed=args.seed, block_size=args.block_size,
-                       pattern=args.pattern, out=args.out)
+                       pattern=args.pattern, out=args.out, solver=args.solver)
     print(format_table(results))
     print(f"wrote {args.out}/report.json and {args.out}/accuracy.png")
 
@@ -45,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     from icbs.llm.commands import add_commands
 
     add_commands(subparsers)
+    from icbs.export import add_export_command
+
+    add_export_command(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
