@@ -157,7 +157,6 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
         tokens = tokenize(tokenizer, read_text(calib_paths))
         windows = calibration_windows(tokens, settings.nsamples, settings.seqlen, settings.seed)
     times["data"] = time.perf_counter() - tic
-    torch.manual_seed(settings.seed)
     pruner = LayerPruner(settings, sum(layer.weight.numel() for layer in layers.values()))
     tic = time.perf_counter()
     records = prune_sequential(model, windows, pruner, include=settings.include,
