@@ -116,7 +116,10 @@ class SwapAnnealer(Solver):
         self, problem: CardinalityQUBO, x0: np.ndarray | None, rng: np.random.Generator
     ) -> tuple[np.ndarray, dict[str, Any]]:
         Q = problem.Q
-        seeds = rng.integers(0, 2**31 - 1, size=self.restarts + 1)
+        # schedule seed first, then one per restart: restart r is the same run for any
+        # `restarts` > r, so more restarts never give a worse answer for the same seed
+        schedule_seed = int(rng.integers(0, 2**31 - 1))
+        seeds = rng.integers(0, 2**31 - 1, size=self.restarts)
         if x0 is not None:
             start = x0
         elif self.start == "magnitude":
@@ -128,7 +131,7 @@ class SwapAnnealer(Solver):
         elif self.beta_range is not None:
             betas = np.geomspace(self.beta_range[0], self.beta_range[1], self.num_betas)
         else:
-            betas = default_betas(problem, start, self.num_betas, int(seeds[-1]))
+            betas = default_betas(problem, start, self.num_betas, schedule_seed)
         f0 = K.fields(Q, start)
         diag = np.ascontiguousarray(np.diag(Q))
         rowmax = row_max(problem) if self.polish else None

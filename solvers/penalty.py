@@ -161,7 +161,8 @@ class DimodSolver(PenaltySolver):
 
     Parameters
     ----------
-    sampler : the dimod.Sampler instance (required).
+    sampler : the dimod.Sampler instance (required; any object with dimod's `sample(bqm)`
+        returning a SampleSet works).
     max_variables : refuse larger problems with a clear error (a dense block embeds on
         today's annealing QPUs only up to about 120-180 variables); default: what the sampler
         declares (`declared_max_variables`), else no limit. The iCBS loop caps its block
@@ -176,9 +177,7 @@ class DimodSolver(PenaltySolver):
 
     def __init__(self, sampler: Any = None, max_variables: int | None = None,
                  penalty: float | None = None, polish: bool = False, **sample_kwargs: Any):
-        import dimod
-
-        if sampler is None or not isinstance(sampler, dimod.Sampler):
+        if sampler is None or not callable(getattr(sampler, "sample", None)):
             raise ValueError(f"'dimod' needs sampler=<a dimod.Sampler instance>, got {sampler!r}")
         if max_variables is None:
             max_variables = declared_max_variables(sampler)

@@ -155,6 +155,15 @@ def test_same_seed_same_answer(name, params):
     assert np.array_equal(a.x, b.x) and a.energy == b.energy
 
 
+def test_more_restarts_never_worse():
+    rng = np.random.default_rng(11)
+    for t in range(5):
+        p = random_problem(rng, 80, pruning=True)
+        one = get_solver("anneal").solve(p, seed=t)
+        four = get_solver("anneal", restarts=4).solve(p, seed=t)
+        assert four.info["energies"][0] == one.energy and four.energy <= one.energy
+
+
 def test_anneal_parameters_and_info():
     p = random_problem(np.random.default_rng(5), 40, pruning=True)
     r = get_solver("anneal", num_betas=20, sweeps_per_beta=3, restarts=2).solve(p, seed=0)
@@ -289,6 +298,8 @@ def test_dimod_solver_errors():
         get_solver("dimod", sampler=dimod.ExactSolver(), max_variables=150).solve(p)
     with pytest.raises(ValueError, match="needs sampler"):
         get_solver("dimod")
+    with pytest.raises(ValueError, match="needs sampler"):
+        get_solver("dimod", sampler=object())
     with pytest.raises(ValueError, match="penalty"):
         get_solver("neal", penalty=-2.0)
 
