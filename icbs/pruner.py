@@ -201,7 +201,8 @@ class Pruner:
         if checkpoint is not None:
             self.save_checkpoint(checkpoint)
         if self._stop:
-            log.warning("interrupted after step %d; checkpoint is consistent", len(self.trace))
+            log.info("stopped on request after step %d%s", len(self.trace),
+                     "" if checkpoint is None else f"; checkpoint {checkpoint} is consistent")
         return self.report()
 
     def stop(self) -> None:
