@@ -250,9 +250,9 @@ class CardinalityQUBO:
 
             x^T Q x + const + P * sum_g (sum_{i in g} x_i - k_g)^2,
 
-        equal to `energy(x)` on every feasible x. P defaults to `default_penalty()`, the
-        smallest bound of the form max_i(|Q_ii| + 2 sum_j |Q_ij|), which makes every single
-        flip out of a feasible state not pay off (proof in `default_penalty`).
+        equal to `energy(x)` on every feasible x. P defaults to `default_penalty()`,
+        max_i (|Q_ii| + 2 sum_{j != i} |Q_ij|), with which no single flip out of a feasible
+        state lowers the penalized energy (proof in `default_penalty`).
         """
         import dimod
 
