@@ -11,7 +11,6 @@ points or more) and acceptance_digits.png (the curves).
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ import torch
 from icbs import Budget, Settings
 from icbs.demo import run_icbs
 from icbs.digits import load_data, trained_model
+from icbs.report import write_csv
 
 
 def curve_stats(curve: list[tuple], settle: float) -> dict:
@@ -59,10 +59,7 @@ def main() -> None:
             print(rows[-1])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "acceptance_digits.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "acceptance_digits.csv", rows)
 
     import matplotlib
 

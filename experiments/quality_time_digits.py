@@ -12,7 +12,6 @@ writes quality_time_digits.csv and quality_time_digits.png.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from icbs import Budget, Settings
 from icbs.demo import one_shot, run_icbs
 from icbs.digits import evaluate, load_data, trained_model
+from icbs.report import write_csv
 
 
 def main() -> None:
@@ -64,10 +64,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "quality_time_digits.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "quality_time_digits.csv", rows)
     print(summary_table(rows, args.budgets))
     plot(rows, curves, args, out / "quality_time_digits.png", dense_acc)
 

@@ -13,7 +13,6 @@ that refreshes those signals after an accepted step (that pass does grow with th
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 from icbs import Budget, Pruner, Settings
 from icbs.calibration import per_sample_signals
 from icbs.digits import load_data, trained_model
+from icbs.report import write_csv
 from icbs.step import solve_block
 
 
@@ -89,14 +89,8 @@ def main() -> None:
         print(rows[-1])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "step_cost.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(out / "step_cost_demo.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(demo))
-        writer.writeheader()
-        writer.writerow(demo)
+    write_csv(out / "step_cost.csv", rows)
+    write_csv(out / "step_cost_demo.csv", [demo])
 
 
 if __name__ == "__main__":
