@@ -70,13 +70,15 @@ def improve_layer(
     layer = PrunableLayer("layer", None, w0, mask.clone(), current)
     estimator = LayerwiseEstimator({"layer": hessian.float()})
     scores = w0.abs() * torch.sqrt(torch.diagonal(hessian).clamp_min(0)).float()
+    solve = resolve_solver(solver)
+    if solve.max_variables is not None:  # e.g. what a dimod sampler declares
+        block_size = min(block_size, solve.max_variables)
     selector = BlockSelector([layer], {"layer": scores}, pattern, block_size)
     # Under a budget that covers only part of the layer, the worst rows go first.
     diff = (current * mask - w0).double()
     row_error = ((diff @ hessian.double()) * diff).sum(1).cpu().numpy()
     selector.prioritize_rows(0, row_error)
     groups = group_ids(layer.shape, pattern).flatten().to(w0.device)
-    solve = resolve_solver(solver)
     rng = np.random.default_rng(seed)
     error_before = estimator.layer_error(layer)
 

@@ -177,3 +177,20 @@ def test_quick_experiment(tmp_path):
     assert {r["block_size"] for r in e2e} == {"120", "256"}
     assert all(0 <= float(r["accuracy"]) <= 1 for r in e2e)
     assert (out / "qubos" / "index.csv").exists()
+
+
+def test_improve_layer_caps_blocks_at_the_samplers_maximum():
+    from icbs.layerwise import improve_layer
+    from icbs.masks import mask_from_scores
+
+    gen = torch.Generator().manual_seed(3)
+    w0 = torch.randn(6, 40, generator=gen)
+    x = torch.randn(200, 40, generator=gen)
+    hessian = x.T @ x / len(x)
+    mask = mask_from_scores(w0.abs(), 0.5, "per_output")
+    sampler = CappedSampler()
+    result = improve_layer(w0, hessian, mask, pattern="per_output", sparsity=0.5, steps=5,
+                           block_size=40, solver=sampler)
+    assert result.steps == 5 and len(sampler.seen) == 5
+    assert all(n == 12 for n, _ in sampler.seen)  # 20 pruned + 20 kept per row, capped to 12
+    assert result.error_after <= result.error_before + 1e-9
