@@ -22,7 +22,7 @@ be re-run elsewhere. Then, per instance:
   block size capped at 120 and, for comparison, unconstrained 256-variable blocks.
 
     python experiments/quantum_backends.py --calib BOOK.txt --out experiments/results/quantum
-    python experiments/quantum_backends.py --quick --out /tmp/quantum   # about a minute
+    python experiments/quantum_backends.py --quick --out /tmp/quantum   # under 30 s
 
 Writes quantum_{instances,gap,ttt,e2e}.csv, quantum_{gap,infeasible,ttt,e2e}.png and
 quantum_summary.md (the tables quoted in the README) under --out.
