@@ -9,6 +9,12 @@ magnitude start (smallest Q_ii per group) and E_best the lowest energy any run f
 
     python experiments/bench_solvers.py               # default, about 10 minutes
     python experiments/bench_solvers.py --quick       # n = 64, 256 only (a minute)
+    python experiments/bench_solvers.py --sizes 256 --seeds 0 1 2 3 4 --seed-sizes 256
+
+`--seeds` (default 0-4) repeats anneal default, greedy and every neal setting on the
+instances of those seeds at the sizes `--seed-sizes` (default 256) and adds a per-seed table
+with the median (the instance of seed s at size n is built from seed s + n, the solvers get
+seed s, as in the main run).
 
 Outputs in experiments/results/: bench_solvers.csv, bench_solvers.png, bench_solvers.md,
 bench_solvers_memory.csv (anneal at n = 8192 and 16384).
@@ -111,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="rows of G (calibration samples); 0 means m = n (full-rank H)")
     ap.add_argument("--memory-sizes", type=int, nargs="*", default=[8192, 16384])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4],
+                    help="seeds of the per-seed table (anneal default vs neal)")
+    ap.add_argument("--seed-sizes", type=int, nargs="*", default=[256],
+                    help="sizes of the per-seed table")
     ap.add_argument("--quick", action="store_true", help="n = 64, 256; no memory runs")
     ap.add_argument("--solvers", nargs="+", default=["greedy", "anneal", "neal"])
     ap.add_argument("--tag", default="", help="suffix of the output file names")
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.quick:
-        args.sizes, args.memory_sizes = [64, 256], []
+        args.sizes, args.memory_sizes, args.seeds = [64, 256], [], []
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"bench_solvers{args.tag}"
@@ -188,9 +198,72 @@ def main(argv: list[str] | None = None) -> None:
             w.writeheader()
             w.writerows(mem_rows)
 
+    seed_rows = seed_runs(args)
+    if seed_rows:
+        with open(f"{stem}_seeds.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(seed_rows[0]))
+            w.writeheader()
+            w.writerows(seed_rows)
+
     plot(rows, stem.with_suffix(".png"))
-    stem.with_suffix(".md").write_text(summary(rows, mem_rows, args))
+    stem.with_suffix(".md").write_text(summary(rows, mem_rows, args) + seed_summary(seed_rows))
     log.info("total %.1f s; wrote %s", time.perf_counter() - t0, args.out)
+
+
+def seed_runs(args: argparse.Namespace) -> list[dict]:
+    """anneal default, greedy and every neal setting on the instances of each of args.seeds
+    (nothing unless both anneal and neal are among args.solvers)."""
+    out: list[dict] = []
+    if not {"anneal", "neal"} <= set(args.solvers):
+        return out
+    for n in args.seed_sizes:
+        for pattern in args.patterns:
+            for seed in args.seeds:
+                problem = pruning_instance(n, args.m or n, seed + n, pattern)
+                for name, params in runs_for(n):
+                    if name not in args.solvers or (name == "anneal" and params):
+                        continue
+                    r = run_one(problem, name, params, seed)
+                    out.append({"n": n, "pattern": pattern, "seed": seed, "solver": name,
+                                "params": json.dumps(params, sort_keys=True),
+                                "energy": r["energy"], "wall_time": r["wall_time"],
+                                "cpu_time": r["cpu_time"]})
+                log.info("seed %d n=%d %s done", seed, n, pattern)
+    return out
+
+
+def seed_summary(seed_rows: list[dict]) -> str:
+    """Per seed: anneal default against the best neal setting of that instance."""
+    if not seed_rows or not any(r["solver"] == "neal" for r in seed_rows):
+        return ""
+    out = ["", "anneal default against the best neal setting, per seed (instance seed s + n, "
+           "solver seed s):", "",
+           "| n | groups | seed | E anneal | wall / CPU [ms] | best E neal (setting) "
+           "| wall / CPU [ms] | E neal/anneal | speed-up wall / CPU |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["n"], r["pattern"]) for r in seed_rows})
+    for n, pattern in keys:
+        stats = []
+        for seed in sorted({r["seed"] for r in seed_rows}):
+            inst = [r for r in seed_rows if (r["n"], r["pattern"], r["seed"]) == (n, pattern, seed)]
+            if not inst:
+                continue
+            a = next(r for r in inst if r["solver"] == "anneal")
+            bn = min((r for r in inst if r["solver"] == "neal"), key=lambda r: r["energy"])
+            st = (a["energy"], a["wall_time"], a["cpu_time"], bn["energy"], bn["wall_time"],
+                  bn["cpu_time"], bn["energy"] / a["energy"], bn["wall_time"] / a["wall_time"],
+                  bn["cpu_time"] / max(a["cpu_time"], 1e-9))
+            stats.append(st)
+            out.append(f"| {n} | {pattern} | {seed} | {st[0]:.4g} | {st[1] * 1e3:.1f} / "
+                       f"{st[2] * 1e3:.1f} | {st[3]:.4g} ({label(bn)}) | {st[4] * 1e3:.0f} / "
+                       f"{st[5] * 1e3:.0f} | {st[6]:.2f} | {st[7]:.0f}x / {st[8]:.0f}x |")
+        med = np.median(np.array(stats), axis=0)
+        wins = sum(st[0] < st[3] for st in stats)
+        out.append(f"| {n} | {pattern} | **median** ({wins}/{len(stats)} lower) | "
+                   f"{med[0]:.4g} | {med[1] * 1e3:.1f} / {med[2] * 1e3:.1f} | {med[3]:.4g} | "
+                   f"{med[4] * 1e3:.0f} / {med[5] * 1e3:.0f} | {med[6]:.2f} | "
+                   f"{med[7]:.0f}x / {med[8]:.0f}x |")
+    return "\n".join(out) + "\n"
 
 
 def label(r: dict) -> str:
@@ -274,7 +347,8 @@ def summary(rows: list[dict], mem_rows: list[dict], args: argparse.Namespace) ->
             bn = min(neal, key=lambda r: r["energy"])
             ok = [r for r in inst if r["solver"] == "anneal" and r["energy"] <= bn["energy"]]
             fast = min(ok, key=lambda r: r["wall_time"]) if ok else None
-            speed = (f"{fast['wall_time']:.3f} s, {bn['wall_time'] / fast['wall_time']:.0f}x"
+            speed = (f"{fast['wall_time']:.3f} s, {bn['wall_time'] / fast['wall_time']:.0f}x "
+                     f"(CPU {bn['cpu_time'] / max(fast['cpu_time'], 1e-9):.0f}x)"
                      if fast else "none")
             out.append(f"| {n} | {pattern} | {a['energy']:.4g} | {a['wall_time']:.3f} | "
                        f"{bn['energy']:.4g} ({label(bn)}) | {bn['wall_time']:.2f} | "

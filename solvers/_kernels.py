@@ -75,6 +75,27 @@ def sample_swap_deltas(Q, f, perm, gstart, gk, gsize, groups, movable, num, seed
     return out
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@njit(cache=True, inline="always")
+def _splitmix(state):
+    """One step of splitmix64: returns (new state, 64 random bits)."""
+    state = state + _GOLDEN
+    z = state
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return state, z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True, inline="always")
+def _below(bits, m):
+    """An integer in 0 .. m-1 from the top 32 of 64 random bits (multiply-shift, m < 2**32)."""
+    return np.int64(((bits >> np.uint64(32)) * np.uint64(m)) >> np.uint64(32))
+
+
 @njit(cache=True)
 def anneal_swaps(Q, diag, x, f, perm, gstart, gk, gsize, groups, movable, betas,
                  proposals_per_beta, seed, best_x):
@@ -82,11 +103,15 @@ def anneal_swaps(Q, diag, x, f, perm, gstart, gk, gsize, groups, movable, betas,
 
     Makes `proposals_per_beta` proposals at each inverse temperature. Returns (best dE
     relative to the start, final dE relative to the start, accepted moves); `best_x`
-    receives the best state seen.
+    receives the best state seen. Random numbers come from an inlined splitmix64 generator
+    seeded with `seed` (one 64-bit draw picks both ends of a swap): a proposal costs about
+    20 ns at n = 256 against about 50 ns with numba's np.random, so the proposal budget goes
+    to the search rather than to the generator.
     """
-    np.random.seed(seed)
+    state = np.uint64(seed)
     n = Q.shape[0]
     nm = movable.size
+    single = gstart.size == 1
     e = 0.0
     best = 0.0
     best_is_current = True
@@ -94,20 +119,28 @@ def anneal_swaps(Q, diag, x, f, perm, gstart, gk, gsize, groups, movable, betas,
     if nm == 0:
         best_x[:] = x
         return best, e, accepted
+    g = groups[movable[0]]
     for bi in range(betas.size):
         beta = betas[bi]
         for _t in range(proposals_per_beta):
-            u = movable[np.random.randint(nm)]
-            g = groups[u]
+            if not single:
+                state, r = _splitmix(state)
+                g = groups[movable[_below(r, nm)]]
             kg = gk[g]
-            a = gstart[g] + np.random.randint(kg)
-            b = gstart[g] + kg + np.random.randint(gsize[g] - kg)
+            state, r = _splitmix(state)
+            a = gstart[g] + _below(r, kg)
+            # the low 32 bits of the same draw pick the zero
+            b = gstart[g] + kg + np.int64(((r & np.uint64(0xFFFFFFFF))
+                                           * np.uint64(gsize[g] - kg)) >> np.uint64(32))
             i = perm[a]
             j = perm[b]
             de = -(2.0 * f[i] - diag[i]) + (2.0 * f[j] + diag[j]) - 2.0 * Q[i, j]
             if de > 0.0:
                 z = beta * de
-                if z > 40.0 or np.random.random() >= np.exp(-z):
+                if z > 40.0:
+                    continue
+                state, r = _splitmix(state)
+                if (r >> np.uint64(11)) * (1.0 / 9007199254740992.0) >= np.exp(-z):
                     continue
             # accept: i leaves the ones, j joins them
             if best_is_current:
@@ -119,8 +152,8 @@ def anneal_swaps(Q, diag, x, f, perm, gstart, gk, gsize, groups, movable, betas,
             x[j] = 1
             qi = Q[i]
             qj = Q[j]
-            for r in range(n):
-                f[r] += qj[r] - qi[r]
+            for r_ in range(n):
+                f[r_] += qj[r_] - qi[r_]
             e += de
             accepted += 1
             if e < best:

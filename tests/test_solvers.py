@@ -179,6 +179,19 @@ def test_anneal_parameters_and_info():
             get_solver("anneal", **bad)
 
 
+def test_anneal_default_schedule_parameters():
+    p = random_problem(np.random.default_rng(6), 40, pruning=True)
+    r = get_solver("anneal").solve(p, seed=0)
+    assert r.info["proposals"] == 100 * 1024  # min_proposals_per_beta floor at small n
+    hot = get_solver("anneal", hot_accept=0.5).solve(p, seed=0)
+    assert hot.info["betas"][0] < r.info["betas"][0]  # a hotter start: smaller beta
+    assert hot.info["betas"][1] == pytest.approx(r.info["betas"][1])
+    for bad in [dict(hot_accept=0.0), dict(hot_accept=1.0), dict(cold_accept=2.0),
+                dict(cold_quantile=-1.0), dict(cold_quantile=101.0)]:
+        with pytest.raises(ValueError):
+            get_solver("anneal", **bad)
+
+
 def test_anneal_trivial_groups():
     # groups with k = 0 or k = |g| have no move; n = 1 and n = 0 work
     p = CardinalityQUBO(np.ones((4, 4)), [0, 2], [0, 0, 1, 1])
