@@ -1,7 +1,8 @@
 """Perplexity versus pruning time on a causal LM: dense, magnitude, Wanda, SparseGPT and iCBS.
 
-One CSV row per run (method, pattern, sparsity, budget, wall time, perplexity) and one PNG
-panel per setting. Rows already in the CSV are skipped, so an interrupted run resumes.
+One CSV row per run (method, pattern, sparsity, budget, wall time, perplexity, and the summed
+layer reconstruction errors of the one-shot start and of the result) and one PNG panel per
+setting. Rows already in the CSV are skipped, so an interrupted run resumes.
 
     python experiments/quality_time_llm.py --model MODEL.gguf --calib a.txt b.txt \
         --eval c.txt d.txt --budgets 120 600 --out experiments/results/llm
@@ -23,7 +24,8 @@ from icbs.llm.prune import LLMPruneSettings, prune_model
 from icbs.masks import parse_pattern
 
 FIELDS = ["method", "init", "reconstruct", "pattern", "sparsity", "budget", "prune_seconds",
-          "perplexity", "nsamples", "seqlen", "scored_tokens"]
+          "perplexity", "nsamples", "seqlen", "scored_tokens", "budget_used", "error_start",
+          "error_final"]
 METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "icbs", "icbs+rec"]
 
 
@@ -121,8 +123,9 @@ def main(argv: list[str] | None = None) -> None:
             continue
         model, tokenizer = load_model(model_dir, "cpu")
         tic = time.perf_counter()
+        report = {"layers": [], "budget_used": 0.0}
         if settings is not None:
-            prune_model(model, tokenizer, settings, args.calib, progress=False)
+            report = prune_model(model, tokenizer, settings, args.calib, progress=False)
         seconds = time.perf_counter() - tic
         result = text_perplexity(model, tokenizer, args.eval, args.seqlen, args.max_tokens,
                                  progress=False)
@@ -131,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
                    reconstruct=method == "icbs+rec", pattern=pattern, sparsity=sparsity,
                    budget=budget, prune_seconds=round(seconds, 1),
                    perplexity=round(result["perplexity"], 3), nsamples=args.nsamples,
-                   seqlen=args.seqlen, scored_tokens=result["scored_tokens"])
+                   seqlen=args.seqlen, scored_tokens=result["scored_tokens"],
+                   budget_used=round(report["budget_used"], 1),
+                   error_start=sum(r.get("error_before", 0.0) for r in report["layers"]),
+                   error_final=sum(r.get("error_after", 0.0) for r in report["layers"]))
         rows.append({k: str(v) for k, v in row.items()})
         print(",".join(str(row[f]) for f in FIELDS), flush=True)
         with csv_path.open("w", newline="") as handle:
