@@ -42,12 +42,12 @@ def quadratic_model(
     gamma: float = 1.0,
     ridge: float = 0.0,
 ) -> tuple[np.ndarray, float]:
-    """Q (float64, symmetric) and c of dL(x) = x^T Q x + c for one block (see module doc)."""
-    v, a, g, H = (t.double() for t in (v, a, g, H))
+    """Q (float64) and c of dL(x) = x^T Q x + c for one block; H must be symmetric, and
+    then Q is exactly symmetric. H is not modified."""
+    H, v, a, g = (t.double() for t in (H, v, a, g))
     if ridge:
         H = H + 2.0 * ridge * torch.eye(len(v), dtype=H.dtype, device=H.device)
-    H = 0.5 * (H + H.T)
-    Q = 0.5 * torch.outer(v, v) * H
+    Q = torch.outer(v, v).mul_(0.5).mul_(H)
     Q.diagonal().sub_(v * (H @ a) + gamma * v * g)
     c = 0.5 * a @ H @ a + gamma * g @ a
     return Q.cpu().numpy(), float(c)
@@ -78,5 +78,5 @@ def build_block_qubo(
     scale = float(np.abs(Q).max())
     scaled = Q / scale if scale > 0 else Q.copy()
     scaled[np.abs(scaled) <= eps] = 0.0
-    problem = CardinalityQUBO(scaled, k, groups=local_groups)
+    problem = CardinalityQUBO(scaled, k, groups=local_groups, copy=False, symmetric=True)
     return BlockQUBO(Q=Q, c=c, problem=problem, x_current=x_now)

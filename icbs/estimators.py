@@ -1,7 +1,8 @@
 """Estimators of a block's gradient g_B and Hessian H_BB (see DESIGN: "The block objective").
 
 Every estimator answers `block(layer, idx)` for flat indices `idx` into the layer's weight
-matrix, in torch on the layer's device, and `objective()` for the value it models.
+matrix, in torch on the layer's device, with H exactly symmetric (callers must not modify
+it: it may be a cached tensor), and `objective()` for the value it models.
 
 - `layerwise`: the layer's reconstruction error sum_rows (w - w0)^T H (w - w0) with
   H = X X^T / tokens from calibration inputs; exactly quadratic, rows uncoupled.
@@ -26,21 +27,28 @@ class LayerwiseEstimator:
     exact_model = True
 
     def __init__(self, hessians: dict[str, torch.Tensor]):
-        self.hessians = hessians  # per layer: X X^T / tokens
+        # per layer: the objective's Hessian 2 X X^T / tokens, once, in float64 and exactly
+        # symmetric, so that a whole-row block uses it as it is
+        self.curvature = {name: (H.double() + H.double().T) for name, H in hessians.items()}
 
     def block(self, layer: PrunableLayer, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        Hx = self.hessians[layer.name]
+        H2 = self.curvature[layer.name]
         cols = layer.shape[1]
         r, c = idx // cols, idx % cols
         rows, row_of = torch.unique(r, return_inverse=True)
-        diff = layer.weight[rows] * layer.mask[rows] - layer.w0[rows]
-        g = 2.0 * (diff @ Hx)[row_of, c]
-        H = 2.0 * Hx[c][:, c] * (r.unsqueeze(1) == r.unsqueeze(0))
+        diff = (layer.weight[rows] * layer.mask[rows] - layer.w0[rows]).double()
+        g = (diff @ H2)[row_of, c]
+        if len(rows) == 1 and len(c) == cols:  # one whole row, in column order
+            return g, H2
+        H = H2.index_select(0, c).index_select(1, c)
+        if len(rows) > 1:  # rows are not coupled
+            H *= r.unsqueeze(1) == r.unsqueeze(0)
         return g, H
 
     def layer_error(self, layer: PrunableLayer) -> float:
-        diff = layer.pruned_weight() - layer.w0
-        return float(((diff @ self.hessians[layer.name]) * diff).sum())
+        """sum over rows of (w - w0)^T (X X^T / tokens) (w - w0)."""
+        diff = (layer.pruned_weight() - layer.w0).double()
+        return float(0.5 * ((diff @ self.curvature[layer.name]) * diff).sum())
 
     def objective(self, layers: list[PrunableLayer]) -> float:
         return sum(self.layer_error(layer) for layer in layers)
@@ -78,7 +86,8 @@ class FisherEstimator:
 
     def block(self, layer: PrunableLayer, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         G = self.per_sample_gradients(layer, idx)
-        return G.double().mean(0), (G.T @ G).double() / G.shape[0]
+        H = (G.T @ G).double() / G.shape[0]
+        return G.double().mean(0), 0.5 * (H + H.T)
 
     def objective(self, layers: list[PrunableLayer]) -> float:
         self._refresh()
@@ -117,7 +126,7 @@ class ExactEstimator:
 
         g = torch.autograd.functional.jacobian(f, current)
         H = torch.autograd.functional.hessian(f, current)
-        return g, H
+        return g, 0.5 * (H + H.T)
 
     def objective(self, layers: list[PrunableLayer]) -> float:
         if self._loss is None:

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 _CHUNK_ROWS = 512
 
 
-def _check_matrix(Q: np.ndarray, copy: bool) -> np.ndarray:
+def _check_matrix(Q: np.ndarray, copy: bool, symmetric: bool = False) -> np.ndarray:
     """Return Q as a float64 C-contiguous symmetric matrix, or raise ValueError."""
     try:
         Q = (np.array(Q, dtype=np.float64, order="C") if copy
@@ -24,15 +24,15 @@ def _check_matrix(Q: np.ndarray, copy: bool) -> np.ndarray:
     if Q.ndim != 2 or Q.shape[0] != Q.shape[1]:
         raise ValueError(f"Q must be a square matrix, got shape {Q.shape}")
     n = Q.shape[0]
-    symmetric = True
+    asymmetric = False
     for r0 in range(0, n, _CHUNK_ROWS):
         rows = Q[r0 : r0 + _CHUNK_ROWS]
         if not np.isfinite(rows).all():
             bad = np.argwhere(~np.isfinite(rows))[0]
             raise ValueError(f"Q must be finite; Q[{r0 + bad[0]}, {bad[1]}] = {rows[tuple(bad)]}")
-        if symmetric and not np.array_equal(rows, Q[:, r0 : r0 + _CHUNK_ROWS].T):
-            symmetric = False
-    if not symmetric:
+        if not (symmetric or asymmetric) and not np.array_equal(rows, Q[:, r0:r0 + _CHUNK_ROWS].T):
+            asymmetric = True
+    if asymmetric:
         # x^T Q x == x^T ((Q + Q^T) / 2) x for every x, so symmetrizing keeps every energy.
         log.debug("Q is not symmetric; using (Q + Q^T) / 2, which has the same energies")
         if not copy:
@@ -58,6 +58,8 @@ class CardinalityQUBO:
     const : constant added to every energy.
     copy : copy Q (default). With ``copy=False`` a float64 C-contiguous symmetric Q is used
         in place, which matters for very large n; do not modify it afterwards.
+    symmetric : the caller guarantees Q is exactly symmetric, so the O(n^2) symmetry check is
+        skipped (the pruning loop builds Q symmetric; finiteness is still checked).
 
     Any bad input raises ``ValueError`` naming what is wrong.
     """
@@ -70,8 +72,9 @@ class CardinalityQUBO:
         const: float = 0.0,
         *,
         copy: bool = True,
+        symmetric: bool = False,
     ) -> None:
-        self.Q = _check_matrix(Q, copy)
+        self.Q = _check_matrix(Q, copy, symmetric)
         n = self.n = int(self.Q.shape[0])
         if groups is None:
             groups = np.zeros(n, dtype=np.int64)
