@@ -71,6 +71,7 @@ def improve_layer(
     estimator = LayerwiseEstimator({"layer": hessian.float()})
     scores = w0.abs() * torch.sqrt(torch.diagonal(hessian).clamp_min(0)).float()
     solve = resolve_solver(solver)
+    solve.warm_up()  # compilation is set-up, not budget
     if solve.max_variables is not None:  # e.g. what a dimod sampler declares
         block_size = min(block_size, solve.max_variables)
     selector = BlockSelector([layer], {"layer": scores}, pattern, block_size)

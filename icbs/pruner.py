@@ -93,6 +93,7 @@ class Pruner:
             self.estimator = FisherEstimator(model, self.layers, self.batches, self.loss_fn)
         else:
             self.estimator = ExactEstimator(model, self.layers, self.batches, self.loss_fn)
+        self.solver.warm_up()  # compilation is set-up, not budget
         self.rng = np.random.default_rng(settings.seed)
         self.trace: list[StepRecord] = []
         self.last_block: np.ndarray | None = None

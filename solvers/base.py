@@ -59,6 +59,13 @@ class Solver:
     ) -> tuple[np.ndarray, dict[str, Any]]:
         raise NotImplementedError
 
+    def warm_up(self) -> None:
+        """Solve a tiny problem once, so that JIT compilation (or loading its cache) happens
+        here and not inside a timed budget."""
+        from solvers.problem import CardinalityQUBO
+
+        self.solve(CardinalityQUBO(np.eye(4) - 0.5, 2), seed=0)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 

@@ -185,6 +185,9 @@ class DimodSolver(PenaltySolver):
                          **sample_kwargs)
         self.sampler = sampler
 
+    def warm_up(self) -> None:
+        """Nothing: a call to an external sampler (a QPU, say) may cost real time or money."""
+
     def _sampler(self) -> Any:
         return self.sampler
 
