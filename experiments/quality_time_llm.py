@@ -75,7 +75,7 @@ def plot(rows: list[dict], path: Path) -> None:
                          if r["method"] == method)
             if pts:
                 ax.plot(*zip(*pts, strict=True), "o-" if method.startswith("icbs") else "s",
-                        label=method)
+                        color=f"C{METHODS.index(method)}", label=method)
         if dense:
             ax.axhline(dense[0], color="gray", ls="--", label="dense")
         ax.set(title=f"{pattern} {sparsity:.0%}", xlabel="pruning time (s)", ylabel="perplexity",
