@@ -7,7 +7,6 @@ import dimod
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from icbs import Budget, Pruner, Settings
 from icbs.cli import main
@@ -15,20 +14,15 @@ from icbs.export import IndexWriter, RecordingSolver, bits, export_run, from_bit
 from solvers import CardinalityQUBO, get_solver
 
 
-def _model_and_data(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 4))
-    for p in model.parameters():
-        p.data = torch.randn(p.shape, generator=gen)
-    x = torch.randn(64, 12, generator=gen)
-    y = torch.randint(0, 4, (64,), generator=gen)
-    return model, [(x, y)]
+@pytest.fixture
+def make_pruner(tiny_model_and_data):
+    def make(block_size=8, objective="layerwise", solver="anneal", seed=0):
+        model, data = tiny_model_and_data(seed)
+        settings = Settings(sparsity=0.6, objective=objective, block_size=block_size,
+                            seed=seed)
+        return Pruner(model, data, settings, solver=solver)
 
-
-def _pruner(block_size=8, objective="layerwise", solver="anneal", seed=0):
-    model, data = _model_and_data(seed)
-    settings = Settings(sparsity=0.6, objective=objective, block_size=block_size, seed=seed)
-    return Pruner(model, data, settings, solver=solver)
+    return make
 
 
 def test_bits_round_trip():
@@ -52,8 +46,8 @@ def test_recording_solver_passes_through_and_keeps_the_cap():
     assert call.problem is p and call.seed == 4 and call.x0.tolist() == x0.tolist()
 
 
-def test_export_round_trip_is_exact_and_resolving_gives_the_runs_answer(tmp_path):
-    pruner = _pruner()
+def test_export_round_trip_is_exact_and_resolving_gives_the_runs_answer(tmp_path, make_pruner):
+    pruner = make_pruner()
     recorder = RecordingSolver(pruner.solver)
     pruner.solver = recorder
     seen = []  # what the solver was handed, independent of the files
@@ -90,9 +84,9 @@ def test_export_round_trip_is_exact_and_resolving_gives_the_runs_answer(tmp_path
             assert get_solver("exhaustive").solve(p).energy >= again.energy - 1e-9
 
 
-def test_index_rows_describe_the_blocks_the_loop_changed(tmp_path):
+def test_index_rows_describe_the_blocks_the_loop_changed(tmp_path, make_pruner):
     """Independent truth: the layer masks before and after each step."""
-    pruner = _pruner(block_size=10, objective="layerwise")
+    pruner = make_pruner(block_size=10, objective="layerwise")
     masks = {layer.name: layer.mask.clone() for layer in pruner.layers}
     with IndexWriter(tmp_path, ubqp=False) as writer:
         for _ in range(8):

@@ -13,7 +13,6 @@ import dimod
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import icbs
 from icbs import Budget, Pruner, Settings
@@ -23,15 +22,6 @@ from solvers import CardinalityQUBO, get_solver
 from solvers.penalty import declared_max_variables
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _model_and_data(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 4))
-    for p in model.parameters():
-        p.data = torch.randn(p.shape, generator=gen)
-    x = torch.randn(64, 12, generator=gen)
-    return model, [(x, torch.randint(0, 4, (64,), generator=gen))]
 
 
 class CappedSampler(dimod.Sampler):
@@ -66,8 +56,9 @@ def test_declared_maximum():
     assert get_solver("dimod", sampler=CappedSampler(), max_variables=4).max_variables == 4
 
 
-def test_prune_with_a_dimod_sampler_caps_blocks_and_reports_penalty_and_repairs():
-    model, data = _model_and_data()
+def test_prune_with_a_dimod_sampler_caps_blocks_and_reports_penalty_and_repairs(
+        tiny_model_and_data):
+    model, data = tiny_model_and_data()
     sampler = CappedSampler()
     report = icbs.prune(model, data, sparsity=0.6, solver=sampler, block_size=64,
                         objective="layerwise", budget=Budget(steps=6),
@@ -86,12 +77,12 @@ def test_prune_with_a_dimod_sampler_caps_blocks_and_reports_penalty_and_repairs(
     json.dumps(report.to_dict())  # the per-step info is JSON-ready
 
 
-def test_structured_exact_sampler_gives_exact_block_answers():
+def test_structured_exact_sampler_gives_exact_block_answers(tiny_model_and_data):
     """A structured sampler declares its node count; ExactSolver answers + repair of every
     state is the exact optimum, checked against exhaustive search."""
     structured = dimod.StructureComposite(dimod.ExactSolver(), list(range(10)),
                                           list(combinations(range(10), 2)))
-    model, data = _model_and_data(1)
+    model, data = tiny_model_and_data(1)
     pruner = Pruner(model, data, Settings(sparsity=0.5, objective="layerwise", block_size=32),
                     solver=structured)
     assert pruner.block_size == 10
