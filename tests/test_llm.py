@@ -221,3 +221,21 @@ def test_icbs_improves_each_layer_from_its_start(loaded, text_file, init, patter
         assert record["error_after"] <= record["error_before"] * (1 + 1e-5)
     assert sum(r["error_after"] for r in report["layers"]) < sum(
         r["error_before"] for r in report["layers"])
+
+
+def test_mask_damp_reports_errors_on_the_undamped_hessian():
+    from icbs.baselines import wanda_mask
+    from icbs.layerwise import improve_layer
+    from icbs.reconstruct import reconstruction_error
+
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(6, 16, generator=gen)
+    x = torch.randn(40, 16, generator=gen)
+    H = x.T @ x / len(x)
+    mask = wanda_mask(w0, torch.sqrt(torch.diagonal(H)), 0.5, "per_output")
+    result = improve_layer(w0, H, mask, pattern="per_output", sparsity=0.5, steps=12,
+                           block_size=16, mask_damp=0.5)
+    assert result.error_before == pytest.approx(
+        float(reconstruction_error(w0, w0 * mask, H).sum()), rel=1e-5)
+    assert result.error_after == pytest.approx(
+        float(reconstruction_error(w0, result.weight, H).sum()), rel=1e-5)

@@ -47,6 +47,9 @@ def add_commands(subparsers) -> None:
     prune.add_argument("--reconstruct", action="store_true",
                        help="least-squares update of the kept weights (alternating with iCBS)")
     prune.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
+    prune.add_argument("--mask-damp", type=float, default=0.0,
+                       help="iCBS mask steps minimize the error under H + this x mean(diag H) I "
+                            "(default 0)")
     prune.add_argument("--percdamp", type=float, default=0.01,
                        help="damping as a fraction of mean(diag H) (default 0.01)")
     prune.add_argument("--block-size", type=int, default=256, help="iCBS block (QUBO variables)")
@@ -98,7 +101,8 @@ def run_prune(args) -> None:
         method=args.method, sparsity=args.sparsity, pattern=args.pattern,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, budget=args.budget,
         init=args.init, reconstruct=args.reconstruct, blocksize=args.blocksize,
-        percdamp=args.percdamp, block_size=args.block_size, solver=args.solver,
+        percdamp=args.percdamp, mask_damp=args.mask_damp, block_size=args.block_size,
+        solver=args.solver,
         include=tuple(args.include), exclude=tuple(args.exclude),
         batch_size=args.batch_size or 8).validated()
     if settings.needs_calibration:

@@ -39,6 +39,7 @@ class LLMPruneSettings:
     reconstruct: bool = False
     blocksize: int = 128  # SparseGPT column block
     percdamp: float = 0.01  # damping, fraction of mean(diag H)
+    mask_damp: float = 0.0  # iCBS mask steps: ridge on H, fraction of mean(diag H)
     block_size: int = 256  # iCBS block (variables per QUBO)
     solver: str = "anneal"
     include: tuple[str, ...] = ("*",)
@@ -60,8 +61,8 @@ class LLMPruneSettings:
                             ("batch_size", self.batch_size), ("blocksize", self.blocksize)):
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
-        if self.budget < 0 or self.percdamp < 0:
-            raise ValueError("budget and percdamp must not be negative")
+        if self.budget < 0 or self.percdamp < 0 or self.mask_damp < 0:
+            raise ValueError("budget, percdamp and mask_damp must not be negative")
         return dataclasses.replace(self, pattern=str(pattern), sparsity=sparsity,
                                    include=tuple(self.include), exclude=tuple(self.exclude))
 
@@ -107,7 +108,8 @@ class LayerPruner:
             result = improve_layer(
                 w0, hessian, mask, weight=weight, pattern=self.pattern, sparsity=s.sparsity,
                 seconds=s.budget * w0.numel() / self.total_weights, block_size=s.block_size,
-                solver=s.solver, seed=s.seed, reconstruct=s.reconstruct, damp=s.percdamp)
+                solver=s.solver, seed=s.seed, reconstruct=s.reconstruct, damp=s.percdamp,
+                mask_damp=s.mask_damp)
             weight, mask = result.weight.float(), result.mask
             record.update(steps=result.steps, accepted=result.accepted,
                           seconds_icbs=result.seconds)
