@@ -47,9 +47,10 @@ def add_commands(subparsers) -> None:
     prune.add_argument("--reconstruct", action="store_true",
                        help="least-squares update of the kept weights (alternating with iCBS)")
     prune.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
-    prune.add_argument("--mask-damp", type=float, default=0.0,
+    prune.add_argument("--mask-damp", type=float, default=0.1,
                        help="iCBS mask steps minimize the error under H + this x mean(diag H) I "
-                            "(default 0)")
+                            "(default 0.1; 0 fits the calibration inputs exactly, which "
+                            "over-fits: see the README)")
     prune.add_argument("--percdamp", type=float, default=0.01,
                        help="damping as a fraction of mean(diag H) (default 0.01)")
     prune.add_argument("--block-size", type=int, default=256, help="iCBS block (QUBO variables)")

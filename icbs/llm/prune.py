@@ -39,7 +39,7 @@ class LLMPruneSettings:
     reconstruct: bool = False
     blocksize: int = 128  # SparseGPT column block
     percdamp: float = 0.01  # damping, fraction of mean(diag H)
-    mask_damp: float = 0.0  # iCBS mask steps: ridge on H, fraction of mean(diag H)
+    mask_damp: float = 0.1  # iCBS mask steps: ridge on H, fraction of mean(diag H)
     block_size: int = 256  # iCBS block (variables per QUBO)
     solver: str = "anneal"
     include: tuple[str, ...] = ("*",)
