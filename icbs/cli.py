@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"icbs {args.command}: error: {exc}\n")
 
 

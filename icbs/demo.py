@@ -80,6 +80,9 @@ def run_demo(
     solver: Any = "anneal",
 ) -> list[MethodResult]:
     """Run the demo, write `report.json` and `accuracy.png` under `out`, return the results."""
+    Settings(sparsity=sparsity, pattern=pattern, block_size=block_size)  # bad input: fail now
+    if not seconds > 0:
+        raise ValueError(f"the budget must be a positive number of seconds, got {seconds!r}")
     data = load_data()
     dense = trained_model(data=data)
     dense_acc, dense_loss = evaluate(dense, data.x_test, data.y_test)

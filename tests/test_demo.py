@@ -29,3 +29,17 @@ def test_trained_model_is_cached_and_reproducible(tmp_path):
     assert len(list(tmp_path.glob("digits_mlp_*.pt"))) == 1
     again = trained_model(recipe, data, cache_dir=tmp_path)
     assert evaluate(first, data.x_test, data.y_test) == evaluate(again, data.x_test, data.y_test)
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys, monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("ICBS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", str(tmp_path / "none"), "--text", str(tmp_path / "none.txt")])
+    assert exit_info.value.code == 2
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--sparsity", "1.5", "--out", str(tmp_path / "d")])
+    assert "sparsity must be a fraction" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # refused before training anything
