@@ -13,6 +13,7 @@ from icbs.calibration import LossFn
 from icbs.pruner import Pruner
 from icbs.report import Report
 from icbs.settings import Settings
+from icbs.solver_choice import solver_label
 
 
 def prune(
@@ -43,8 +44,7 @@ def prune(
         budget = Budget(passes=1)
     elif not isinstance(budget, Budget):
         budget = Budget(seconds=float(budget))
-    solver_name = solver if isinstance(solver, str) else type(solver).__name__
-    config = Settings(sparsity=sparsity, solver=solver_name, **settings)
+    config = Settings(sparsity=sparsity, solver=solver_label(solver), **settings)
     pruner = Pruner(model, calibration, config, loss_fn=loss_fn, solver=solver)
     try:
         if checkpoint is not None and resume and Path(checkpoint).exists():

@@ -16,6 +16,7 @@ from icbs.digits import DigitsData, evaluate, load_data, trained_model
 from icbs.pruner import Pruner
 from icbs.report import write_atomic
 from icbs.settings import Settings
+from icbs.solver_choice import solver_label
 
 
 @dataclass
@@ -91,7 +92,7 @@ def run_demo(
     results += [one_shot(dense, data, Settings(init=init, **common))
                 for init in ("magnitude", "wanda")]
     settings = Settings(init="magnitude", objective="fisher",
-                        solver=solver if isinstance(solver, str) else type(solver).__name__,
+                        solver=solver_label(solver),
                         **common)
     icbs_result, report = run_icbs(dense, data, settings, Budget(seconds=seconds), progress,
                                    solver=solver)

@@ -186,6 +186,7 @@ def export_digits(out: str | Path, *, block_sizes: list[int], steps: int, sparsi
     from icbs.digits import load_data, trained_model
     from icbs.pruner import Pruner
     from icbs.settings import Settings
+    from icbs.solver_choice import solver_label
 
     data = load_data()
     dense = trained_model(data=data)
@@ -194,7 +195,7 @@ def export_digits(out: str | Path, *, block_sizes: list[int], steps: int, sparsi
         for size in block_sizes:
             settings = Settings(sparsity=sparsity, pattern=pattern, objective=objective,
                                 block_size=size, seed=seed,
-                                solver=solver if isinstance(solver, str) else type(solver).__name__)
+                                solver=solver_label(solver))
             model = copy.deepcopy(dense)
             pruner = Pruner(model, [(data.x_train, data.y_train)], settings, solver=solver)
             tag = f"digits_b{pruner.block_size}"

@@ -31,3 +31,8 @@ def resolve_solver(spec: Any, params: dict | None = None) -> Solver:
     if hasattr(spec, "sample"):
         return get_solver("dimod", sampler=spec, **params)
     raise ValueError(f"solver must be a name, a solvers.Solver or a dimod sampler, got {spec!r}")
+
+
+def solver_label(spec: Any) -> str:
+    """The name a run's settings record for what the user passed as `solver`."""
+    return spec if isinstance(spec, str) else type(spec).__name__
