@@ -16,7 +16,7 @@ import torch
 from icbs.estimators import LayerwiseEstimator
 from icbs.layers import PrunableLayer
 from icbs.masks import Pattern, group_ids, mask_matches_pattern, parse_pattern
-from icbs.reconstruct import least_squares_update
+from icbs.reconstruct import least_squares_update, reconstruction_error
 from icbs.selection import BlockSelector
 from icbs.solver_choice import resolve_solver
 from icbs.step import set_block_mask, solve_block
@@ -83,9 +83,7 @@ def improve_layer(
         block_size = min(block_size, solve.max_variables)
     selector = BlockSelector([layer], {"layer": scores}, pattern, block_size)
     # Under a budget that covers only part of the layer, the worst rows go first.
-    diff = (current * mask - w0).double()
-    row_error = ((diff @ hessian.double()) * diff).sum(1).cpu().numpy()
-    selector.prioritize_rows(0, row_error)
+    selector.prioritize_rows(0, reconstruction_error(w0, current * mask, hessian).cpu().numpy())
     groups = group_ids(layer.shape, pattern).flatten().to(w0.device)
     rng = np.random.default_rng(seed)
     error_before = exact.layer_error(layer)
