@@ -20,14 +20,19 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, pattern: Pattern | str
     return mask_from_scores(weight.abs(), check_sparsity(sparsity), pattern)
 
 
-def wanda_mask(weight: torch.Tensor, column_norms: torch.Tensor, sparsity: float,
-               pattern: Pattern | str) -> torch.Tensor:
-    """Wanda (Sun et al. 2023): prune the smallest |w_rc| * ||x_c|| in every group."""
+def wanda_scores(weight: torch.Tensor, column_norms: torch.Tensor) -> torch.Tensor:
+    """Wanda's importance |w_rc| * ||x_c|| (float32, shaped like the weight)."""
     if column_norms.shape != (weight.shape[1],):
         raise ValueError(f"column_norms has shape {tuple(column_norms.shape)}, expected "
                          f"({weight.shape[1]},)")
-    scores = weight.abs().float() * column_norms.to(weight.device, torch.float32).unsqueeze(0)
-    return mask_from_scores(scores, check_sparsity(sparsity), pattern)
+    return weight.abs().float() * column_norms.to(weight.device, torch.float32).unsqueeze(0)
+
+
+def wanda_mask(weight: torch.Tensor, column_norms: torch.Tensor, sparsity: float,
+               pattern: Pattern | str) -> torch.Tensor:
+    """Wanda (Sun et al. 2023): prune the smallest |w_rc| * ||x_c|| in every group."""
+    return mask_from_scores(wanda_scores(weight, column_norms), check_sparsity(sparsity),
+                            pattern)
 
 
 def damped_cholesky_inverse(hessian: torch.Tensor, percdamp: float,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from icbs.baselines import wanda_scores
 from icbs.estimators import LayerwiseEstimator
 from icbs.layers import PrunableLayer
 from icbs.masks import Pattern, group_ids, mask_matches_pattern, parse_pattern
@@ -76,7 +77,7 @@ def improve_layer(
     estimator = LayerwiseEstimator({"layer": hessian.float() + ridge * torch.eye(
         len(hessian), dtype=torch.float32, device=hessian.device)})
     exact = LayerwiseEstimator({"layer": hessian.float()}) if mask_damp else estimator
-    scores = w0.abs() * torch.sqrt(torch.diagonal(hessian).clamp_min(0)).float()
+    scores = wanda_scores(w0, torch.sqrt(torch.diagonal(hessian).clamp_min(0)))
     solve = resolve_solver(solver)
     solve.warm_up()  # compilation is set-up, not budget
     if solve.max_variables is not None:  # e.g. what a dimod sampler declares

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from icbs.baselines import wanda_scores
 from icbs.layer_stats import InputCovariance
 from icbs.layers import PrunableLayer
 
@@ -26,7 +27,8 @@ def weight_scores(
     if kind == "magnitude":
         return {layer.name: layer.w0.abs() for layer in layers}
     if kind == "wanda":
-        return {layer.name: layer.w0.abs() * stats[layer.name].column_norms() for layer in layers}
+        return {layer.name: wanda_scores(layer.w0, stats[layer.name].column_norms())
+                for layer in layers}
     if kind == "gradient":
         return {layer.name: (layer.w0 * gradients[layer.name]).abs() for layer in layers}
     if kind == "random":
