@@ -78,10 +78,10 @@ def improve_layer(
         len(hessian), dtype=torch.float32, device=hessian.device)})
     exact = LayerwiseEstimator({"layer": hessian.float()}) if mask_damp else estimator
     scores = wanda_scores(w0, torch.sqrt(torch.diagonal(hessian).clamp_min(0)))
-    solve = resolve_solver(solver)
-    solve.warm_up()  # compilation is set-up, not budget
-    if solve.max_variables is not None:  # e.g. what a dimod sampler declares
-        block_size = min(block_size, solve.max_variables)
+    block_solver = resolve_solver(solver)
+    block_solver.warm_up()  # compilation is set-up, not budget
+    if block_solver.max_variables is not None:  # e.g. what a dimod sampler declares
+        block_size = min(block_size, block_solver.max_variables)
     selector = BlockSelector([layer], {"layer": scores}, pattern, block_size)
     # Under a budget that covers only part of the layer, the worst rows go first.
     selector.prioritize_rows(0, reconstruction_error(w0, current * mask, hessian).cpu().numpy())
@@ -101,7 +101,7 @@ def improve_layer(
             if len(block) < 2:
                 continue
             idx = torch.as_tensor(block, device=w0.device)
-            answer = solve_block(layer, idx, groups, estimator, solve,
+            answer = solve_block(layer, idx, groups, estimator, block_solver,
                                  seed=int(rng.integers(2**31)))
             if answer.improves:
                 set_block_mask(layer, answer)
