@@ -180,3 +180,48 @@ def test_loss_fn_and_model_mode_are_respected():
                         progress=False)
     assert model.training
     assert report.steps == 3
+
+
+def test_solver_is_warmed_up_before_the_budget_and_samplers_are_not_called():
+    import dimod
+
+    from solvers import get_solver
+    from solvers.anneal import SwapAnnealer
+
+    events = []
+
+    class Recording(SwapAnnealer):
+        def warm_up(self):
+            events.append("warm_up")
+            super().warm_up()
+
+        def _solve(self, problem, x0, rng):
+            events.append("solve")
+            return super()._solve(problem, x0, rng)
+
+    pruner = Pruner(make_model(), make_data(), Settings(sparsity=0.5, block_size=8),
+                    solver=Recording())
+    assert events == ["warm_up", "solve"]  # the warm-up's own tiny solve, before any step
+    pruner.run(Budget(steps=2), progress=False)
+    assert events[2:] == ["solve", "solve"]
+
+    class Counting(dimod.ExactSolver):
+        calls = 0
+
+        def sample(self, bqm, **kwargs):
+            Counting.calls += 1
+            return super().sample(bqm, **kwargs)
+
+    get_solver("dimod", sampler=Counting()).warm_up()
+    assert Counting.calls == 0  # an external sampler (a QPU) is never called to warm up
+
+
+def test_write_csv_round_trip(tmp_path):
+    import csv
+
+    from icbs.report import write_csv
+
+    rows = [{"a": 1, "b": 2.5}, {"a": 3, "b": "x"}]
+    write_csv(tmp_path / "sub" / "t.csv", rows)
+    with open(tmp_path / "sub" / "t.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == [{"a": "1", "b": "2.5"}, {"a": "3", "b": "x"}]
