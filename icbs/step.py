@@ -65,5 +65,9 @@ def solve_block(
 
 
 def set_block_mask(layer: PrunableLayer, answer: BlockAnswer) -> None:
-    """Write the answer into the layer's mask (not into the module)."""
-    layer.mask.view(-1)[answer.idx] = torch.as_tensor(answer.x == 0, device=answer.idx.device)
+    """Write the answer into the layer's mask (not into the module); a weight that comes back
+    takes its dense value w0, as the block's model assumed."""
+    keep = torch.as_tensor(answer.x == 0, device=answer.idx.device)
+    back = answer.idx[keep & ~layer.mask.view(-1)[answer.idx]]
+    layer.mask.view(-1)[answer.idx] = keep
+    layer.weight.view(-1)[back] = layer.w0.view(-1)[back]

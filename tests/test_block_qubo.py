@@ -54,7 +54,7 @@ def test_layerwise_qubo_is_the_true_change_in_reconstruction_error(pattern, reco
     Hx = X.T @ X / len(X)
     mask = mask_from_scores(w0.abs(), 0.5, pattern)
     weight = w0 + 0.1 * torch.randn(rows, cols, generator=gen, dtype=torch.float64) \
-        if reconstructed else w0
+        if reconstructed else w0.clone()
     layer = PrunableLayer("l", None, w0, mask, weight)
     est = LayerwiseEstimator({"l": Hx})
     groups = group_ids((rows, cols), parse_pattern(pattern)).flatten()
@@ -83,6 +83,8 @@ def test_layerwise_qubo_is_the_true_change_in_reconstruction_error(pattern, reco
     best = feasible[int(np.argmin(deltas))]
     answer = BlockAnswer(idx, best, qubo.x_current, qubo.delta(best), 0.0, 0.0, {})
     set_block_mask(layer, answer)
+    # the layer now holds what the model assumed: a weight that comes back is w0 again
+    assert true_error(layer.pruned_weight()) - before == pytest.approx(answer.delta, abs=1e-9)
     for gid in groups.unique():
         in_group = groups == gid
         assert (~layer.mask.flatten()[in_group]).sum() == (~mask.flatten()[in_group]).sum()
