@@ -13,50 +13,56 @@ def reconstruction_error(weight0: torch.Tensor, weight: torch.Tensor,
 
 
 def least_squares_update(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor,
-                         damp: float = 0.01) -> torch.Tensor:
+                         damp: float = 0.01, start: torch.Tensor | None = None,
+                         tol: float = 1e-3, max_iter: int | None = None) -> torch.Tensor:
     """Weights on `mask` minimizing each row's (w0 - w)^T (H + lambda I) (w0 - w), pruned = 0.
 
-    lambda = damp * mean(diag H). Row r solves H_KK w_K = (H w0)_K on its kept set K by Cholesky
-    in float32 (float64 least squares where an undamped system is singular); rows are solved in
-    batches, kept sets padded to the longest with identity rows. Returns float32 weights.
+    lambda = damp * mean(diag H). Row r solves H_KK w_K = (H w0)_K on its kept set K; all rows
+    at once by Jacobi-preconditioned conjugate gradients in float32, warm-started from `start`
+    (default w0 on the mask), until every row's residual is below `tol` times its right-hand
+    side or after `max_iter` iterations (default: the number of columns, CG's exact bound).
+    Each iteration costs one (rows x cols) @ (cols x cols) product, so a warm start near the
+    answer (SparseGPT's weights, the previous round's) needs few. The system is consistent
+    even where H is singular (H_KK w = H_K: w0 has the normal equations' right-hand side), so
+    CG converges without damping too. Returns float32 weights.
     """
     if mask.shape != weight0.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(weight0.shape)}")
-    rows, cols = weight0.shape
+    cols = weight0.shape[1]
     h = hessian.double().to(weight0.device)
-    h = h + damp * torch.diagonal(h).mean().clamp_min(1e-12) * torch.eye(
-        cols, dtype=h.dtype, device=h.device)
-    rhs = (weight0.double() @ h).float()  # row r: (H w0_r)^T, H symmetric
-    h = h.float()
-    counts = mask.sum(dim=1)
-    width = int(counts.max())
-    out = torch.zeros(rows, cols, device=weight0.device)
-    if width == 0:
-        return out
-    # kept columns first, in index order; padding positions are pruned columns
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
-    pad = torch.arange(width, device=mask.device).unsqueeze(0) >= counts.unsqueeze(1)
-    eye = torch.eye(width, device=h.device)
-    chunk = max(1, 2 ** 25 // width ** 2)  # about 128 MiB of systems per batch
-    for r1 in range(0, rows, chunk):
-        idx, p = order[r1:r1 + chunk], pad[r1:r1 + chunk]
-        a = h[idx.unsqueeze(2), idx.unsqueeze(1)]
-        a = a.masked_fill(p.unsqueeze(2) | p.unsqueeze(1), 0) + eye * p.unsqueeze(2)
-        b = torch.gather(rhs[r1:r1 + chunk], 1, idx).masked_fill(p, 0).unsqueeze(2)
-        chol, info = torch.linalg.cholesky_ex(a)
-        sol = torch.cholesky_solve(b, chol)
-        failed = info != 0
-        if failed.any():  # singular without damping: least squares in float64
-            fix = torch.linalg.lstsq(a[failed].double(), b[failed].double()).solution
-            sol[failed] = fix.float()
-        out[r1:r1 + chunk].scatter_(1, idx, sol.squeeze(2).masked_fill(p, 0))
-    return out
+    h = (h + damp * torch.diagonal(h).mean().clamp_min(1e-12) * torch.eye(
+        cols, dtype=h.dtype, device=h.device)).float()
+    keep = mask.to(torch.float32)
+    b = (weight0.float() @ h) * keep  # row r: (H w0_r)^T restricted to K, H symmetric
+    x = (weight0 if start is None else start).float() * keep
+    r = b - (x @ h) * keep
+    diag = torch.diagonal(h)
+    precondition = torch.where(diag > 0, 1 / diag, torch.ones_like(diag))
+    z = r * precondition
+    p = z.clone()
+    rz = (r * z).sum(dim=1, keepdim=True)
+    goal = tol * b.norm(dim=1, keepdim=True)
+    for _ in range(cols if max_iter is None else max_iter):
+        if bool((r.norm(dim=1, keepdim=True) <= goal).all()):
+            break
+        q = (p @ h) * keep
+        pq = (p * q).sum(dim=1, keepdim=True)
+        alpha = torch.where(pq > 0, rz / pq, torch.zeros_like(pq))
+        x += alpha * p
+        r -= alpha * q
+        z = r * precondition
+        rz_next = (r * z).sum(dim=1, keepdim=True)
+        p = z + torch.where(rz > 0, rz_next / rz, torch.zeros_like(rz)) * p
+        rz = rz_next
+    return x
+
 
 def reconstruct_rows(weight0: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor,
                      mask: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Least-squares update of the kept weights, keeping each row's update only where it lowers
-    that row's undamped error, so the layer's error never increases."""
-    new = least_squares_update(weight0, hessian, mask, damp)
+    """Least-squares update of the kept weights, warm-started from `weight`, keeping each row's
+    update only where it lowers that row's undamped error, so the layer's error never
+    increases."""
+    new = least_squares_update(weight0, hessian, mask, damp, start=weight)
     better = reconstruction_error(weight0, new, hessian) < reconstruction_error(
         weight0, weight, hessian)
     return torch.where(better.unsqueeze(1), new, weight.float())
