@@ -112,7 +112,7 @@ class LayerPruner:
                 mask_damp=s.mask_damp)
             weight, mask = result.weight.float(), result.mask
             record.update(steps=result.steps, accepted=result.accepted,
-                          seconds_icbs=result.seconds)
+                          seconds_icbs=result.seconds, seconds_steps=result.step_seconds)
         elif s.reconstruct:
             tic = time.perf_counter()
             weight = reconstruct_rows(w0, weight, hessian, mask, s.percdamp)
@@ -165,7 +165,7 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
                                exclude=settings.exclude, batch_size=settings.batch_size,
                                progress=progress)
     times["prune"] = time.perf_counter() - tic
-    for key in ("seconds_start", "seconds_icbs", "seconds_reconstruct"):
+    for key in ("seconds_start", "seconds_icbs", "seconds_steps", "seconds_reconstruct"):
         times[key.replace("seconds_", "layers_")] = sum(r.get(key, 0.0) for r in records)
     pruned = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in records)
     return {
@@ -174,6 +174,6 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
         "prunable_weights": pruner.total_weights,
         "sparsity": pruned / pruner.total_weights,
         "seconds": times,
-        "budget_used": times["layers_icbs"],
+        "budget_used": times["layers_steps"],
         "masks": pruner.masks,
     }
