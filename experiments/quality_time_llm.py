@@ -2,7 +2,10 @@
 
 One CSV row per run (method, pattern, sparsity, budget, wall time, perplexity, and the summed
 layer reconstruction errors of the one-shot start and of the result) and one PNG panel per
-setting. Rows already in the CSV are skipped, so an interrupted run resumes.
+setting. `icbs` starts from Wanda (--init), `icbs+rec` from SparseGPT (--rec-init) and
+alternates its block steps with least-squares updates of the kept weights. Rows already in the
+CSV are skipped, so an interrupted run resumes; runs split over processes (each its own --out)
+merge by concatenating their CSVs, after which a run of the script redraws the plot.
 
     python experiments/quality_time_llm.py --model MODEL.gguf --calib a.txt b.txt \
         --eval c.txt d.txt --budgets 120 600 --out experiments/results/llm
@@ -20,7 +23,7 @@ import torch
 
 from icbs.llm.commands import text_perplexity
 from icbs.llm.load import load_model, resolve_model_dir
-from icbs.llm.prune import LLMPruneSettings, prune_model
+from icbs.llm.prune import INITS, LLMPruneSettings, prune_model
 from icbs.masks import parse_pattern
 
 FIELDS = ["method", "init", "reconstruct", "pattern", "sparsity", "budget", "prune_seconds",
@@ -47,14 +50,19 @@ def runs(args):
     for pattern, sparsity in map(parse_setting, args.settings):
         common = dict(pattern=pattern, sparsity=sparsity, nsamples=args.nsamples,
                       seqlen=args.seqlen, seed=args.seed, block_size=args.block_size,
-                      solver=args.solver, init=args.init)
+                      solver=args.solver)
         for method in args.methods:
             if method in ("magnitude", "wanda", "sparsegpt"):
                 yield (method, pattern, sparsity, 0.0), LLMPruneSettings(method=method, **common)
-            elif method.startswith("icbs"):
+            elif method == "icbs":
                 for budget in args.budgets:
                     yield (method, pattern, sparsity, float(budget)), LLMPruneSettings(
-                        method="icbs", budget=budget, reconstruct=method == "icbs+rec", **common)
+                        method="icbs", budget=budget, init=args.init, **common)
+            elif method == "icbs+rec":
+                for budget in args.rec_budgets or args.budgets:
+                    yield (method, pattern, sparsity, float(budget)), LLMPruneSettings(
+                        method="icbs", budget=budget, init=args.rec_init, reconstruct=True,
+                        **common)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -98,7 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--budgets", nargs="+", type=float, default=[120.0, 600.0],
                         help="iCBS seconds of block steps over the whole model")
-    parser.add_argument("--init", default="wanda", choices=["wanda", "sparsegpt"])
+    parser.add_argument("--rec-budgets", nargs="+", type=float, default=None,
+                        help="budgets of iCBS with reconstruction (default: --budgets)")
+    parser.add_argument("--init", default="wanda", choices=INITS, help="start of icbs")
+    parser.add_argument("--rec-init", default="sparsegpt", choices=INITS,
+                        help="start of icbs+rec")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=16384, help="evaluated tokens")
@@ -130,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         result = text_perplexity(model, tokenizer, args.eval, args.seqlen, args.max_tokens,
                                  progress=False)
         method, pattern, sparsity, budget = key
-        row = dict(method=method, init=args.init if method.startswith("icbs") else "",
+        row = dict(method=method, init=settings.init if method.startswith("icbs") else "",
                    reconstruct=method == "icbs+rec", pattern=pattern, sparsity=sparsity,
                    budget=budget, prune_seconds=round(seconds, 1),
                    perplexity=round(result["perplexity"], 3), nsamples=args.nsamples,
@@ -144,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
             writer = csv.DictWriter(handle, FIELDS)
             writer.writeheader()
             writer.writerows(rows)
+        plot(rows, out / "quality_time.png")
+    if rows:  # also when every run was already in the CSV, e.g. merged from parallel runs
         plot(rows, out / "quality_time.png")
 
 
