@@ -94,6 +94,8 @@ def improve_layer(
     n_rounds = rounds if reconstruct else 1
     taken = accepted = 0
     step_seconds = 0.0
+    cols = layer.shape[1]
+    stale = torch.ones(layer.shape[0], dtype=torch.bool, device=w0.device)  # rows to refit
     for r in range(n_rounds):
         round_start = time.perf_counter()
         round_end = None if seconds is None else round_start + seconds / n_rounds
@@ -110,10 +112,14 @@ def improve_layer(
             if answer.improves:
                 set_block_mask(layer, answer)
                 selector.mark_changed(0, block[answer.changed])
+                stale[idx[answer.changed] // cols] = True
                 accepted += 1
         step_seconds += time.perf_counter() - round_start
-        if reconstruct:
-            layer.weight = reconstruct_rows(w0, layer.weight, hessian, layer.mask, damp)
+        if reconstruct and stale.any():  # rows no step touched are still least-squares fits
+            rows = stale.nonzero().squeeze(1)
+            layer.weight[rows] = reconstruct_rows(w0[rows], layer.weight[rows], hessian,
+                                                  layer.mask[rows], damp)
+            stale[:] = False
     return LayerResult(
         weight=layer.pruned_weight(), mask=layer.mask, error_before=error_before,
         error_after=exact.layer_error(layer), steps=taken, accepted=accepted,

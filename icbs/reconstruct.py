@@ -14,17 +14,17 @@ def reconstruction_error(weight0: torch.Tensor, weight: torch.Tensor,
 
 def least_squares_update(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor,
                          damp: float = 0.01, start: torch.Tensor | None = None,
-                         tol: float = 1e-3, max_iter: int | None = None) -> torch.Tensor:
+                         tol: float = 1e-5, max_iter: int | None = None) -> torch.Tensor:
     """Weights on `mask` minimizing each row's (w0 - w)^T (H + lambda I) (w0 - w), pruned = 0.
 
     lambda = damp * mean(diag H). Row r solves H_KK w_K = (H w0)_K on its kept set K; all rows
     at once by Jacobi-preconditioned conjugate gradients in float32, warm-started from `start`
     (default w0 on the mask), until every row's residual is below `tol` times its right-hand
     side or after `max_iter` iterations (default: the number of columns, CG's exact bound).
-    Each iteration costs one (rows x cols) @ (cols x cols) product, so a warm start near the
-    answer (SparseGPT's weights, the previous round's) needs few. The system is consistent
-    even where H is singular (H_KK w = H_K: w0 has the normal equations' right-hand side), so
-    CG converges without damping too. Returns float32 weights.
+    Each iteration costs one (rows x cols) @ (cols x cols) product over the rows not yet
+    converged, so a warm start at the answer (rows a mask step left alone) costs nothing.
+    The system is consistent even where H is singular (H_KK w = H_K: w0 has the normal
+    equations' right-hand side), so CG converges without damping too. Returns float32.
     """
     if mask.shape != weight0.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(weight0.shape)}")
@@ -42,13 +42,17 @@ def least_squares_update(weight0: torch.Tensor, hessian: torch.Tensor, mask: tor
     p = z.clone()
     rz = (r * z).sum(dim=1, keepdim=True)
     goal = tol * b.norm(dim=1, keepdim=True)
+    active = torch.arange(len(x), device=x.device)  # rows not yet converged
     for _ in range(cols if max_iter is None else max_iter):
-        if bool((r.norm(dim=1, keepdim=True) <= goal).all()):
-            break
+        going = r.norm(dim=1, keepdim=True).squeeze(1) > goal.squeeze(1)
+        if not bool(going.all()):  # drop converged rows from the work
+            active, r, p, rz, keep, goal = (t[going] for t in (active, r, p, rz, keep, goal))
+            if len(active) == 0:
+                break
         q = (p @ h) * keep
         pq = (p * q).sum(dim=1, keepdim=True)
         alpha = torch.where(pq > 0, rz / pq, torch.zeros_like(pq))
-        x += alpha * p
+        x.index_add_(0, active, alpha * p)
         r -= alpha * q
         z = r * precondition
         rz_next = (r * z).sum(dim=1, keepdim=True)
