@@ -239,3 +239,26 @@ def test_mask_damp_reports_errors_on_the_undamped_hessian():
         float(reconstruction_error(w0, w0 * mask, H).sum()), rel=1e-5)
     assert result.error_after == pytest.approx(
         float(reconstruction_error(w0, result.weight, H).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["per_output", "2:4"])
+def test_improve_layer_with_reconstruction_from_sparsegpt_lowers_the_true_error(pattern):
+    from icbs.baselines import sparsegpt_prune
+    from icbs.layerwise import improve_layer
+    from icbs.reconstruct import reconstruction_error
+
+    gen = torch.Generator().manual_seed(4)
+    w0 = torch.randn(8, 32, generator=gen)
+    x = torch.randn(64, 32, generator=gen) @ torch.randn(32, 32, generator=gen)
+    H = x.T @ x / len(x)
+    weight, mask = sparsegpt_prune(w0, H, 0.5, pattern, 16, 0.01)
+    start = float(reconstruction_error(w0, weight * mask, H).sum())
+    result = improve_layer(w0, H, mask, weight=weight, pattern=pattern, sparsity=0.5, steps=30,
+                           block_size=32, reconstruct=True, mask_damp=0.1)
+    assert mask_matches_pattern(result.mask, parse_pattern(pattern), 0.5)
+    assert torch.all(result.weight[~result.mask] == 0)
+    assert result.error_before == pytest.approx(start, rel=1e-5)
+    assert result.error_after == pytest.approx(
+        float(reconstruction_error(w0, result.weight, H).sum()), rel=1e-5)
+    assert result.accepted > 0
+    assert result.error_after < 0.95 * start
