@@ -61,10 +61,9 @@ def improve_layer(
     current kept values (default weight0; pass SparseGPT's updated weights when starting
     from it). With `reconstruct`, the budget is split into `rounds`, each followed by a
     least-squares update of the kept weights with damping `damp` (its time is not part of
-    the budget). With `mask_damp` > 0 the
-    mask steps minimize the error under H + mask_damp * mean(diag H) * I, a ridge that keeps
-    the error out of directions the calibration inputs barely cover; the reported errors
-    are always on H itself.
+    the budget). With `mask_damp` > 0 the mask steps minimize the error under
+    H + mask_damp * mean(diag H) * I, a ridge that keeps the error out of directions the
+    calibration inputs barely cover; the reported errors are always on H itself.
     """
     if seconds is None and steps is None:
         raise ValueError("improve_layer needs seconds or steps as its budget")

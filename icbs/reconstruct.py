@@ -41,10 +41,10 @@ def least_squares_update(weight0: torch.Tensor, hessian: torch.Tensor, mask: tor
     z = r * precondition
     p = z.clone()
     rz = (r * z).sum(dim=1, keepdim=True)
-    goal = tol * b.norm(dim=1, keepdim=True)
+    goal = tol * b.norm(dim=1)
     active = torch.arange(len(x), device=x.device)  # rows not yet converged
     for _ in range(cols if max_iter is None else max_iter):
-        going = r.norm(dim=1, keepdim=True).squeeze(1) > goal.squeeze(1)
+        going = r.norm(dim=1) > goal
         if not bool(going.all()):  # drop converged rows from the work
             active, r, p, rz, keep, goal = (t[going] for t in (active, r, p, rz, keep, goal))
             if len(active) == 0:
