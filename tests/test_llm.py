@@ -262,3 +262,19 @@ def test_improve_layer_with_reconstruction_from_sparsegpt_lowers_the_true_error(
         float(reconstruction_error(w0, result.weight, H).sum()), rel=1e-5)
     assert result.accepted > 0
     assert result.error_after < 0.95 * start
+
+
+def test_improve_layer_budget_counts_block_steps_not_least_squares():
+    from icbs.baselines import wanda_mask
+    from icbs.layerwise import improve_layer
+
+    gen = torch.Generator().manual_seed(5)
+    w0 = torch.randn(8, 32, generator=gen)
+    x = torch.randn(64, 32, generator=gen)
+    H = x.T @ x / len(x)
+    mask = wanda_mask(w0, torch.sqrt(torch.diagonal(H)), 0.5, "per_output")
+    result = improve_layer(w0, H, mask, pattern="per_output", sparsity=0.5, seconds=0.3,
+                           block_size=32, reconstruct=True, rounds=3)
+    # each round steps until its share of the budget has passed; updates come on top
+    assert result.step_seconds >= 0.3
+    assert result.seconds > result.step_seconds
