@@ -45,12 +45,12 @@ def test_default_tolerance_reaches_the_optimal_error_from_any_start():
     weight, hessian = _layer(rows=16, cols=48, tokens=60, seed=5)
     mask = wanda_mask(weight, torch.diagonal(hessian).sqrt(), 0.5, "2:4")
     exact = least_squares_update(weight, hessian, mask, damp=0.01, tol=1e-7)
-    best = reconstruction_error(weight, exact, hessian).sum()
+    best = float(reconstruction_error(weight, exact, hessian).sum())
     far = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
     for start in (None, weight * mask, far):
         new = least_squares_update(weight, hessian, mask, damp=0.01, start=start)
         assert torch.all(new[~mask] == 0)
-        assert reconstruction_error(weight, new, hessian).sum() == pytest.approx(best, rel=1e-4)
+        assert float(reconstruction_error(weight, new, hessian).sum()) == pytest.approx(best, rel=1e-4)
 
 
 def _best_swap_step(weight0, weight, hessian, mask, pattern):
