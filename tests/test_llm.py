@@ -1,18 +1,26 @@
 """The LLM pipeline on a tiny LLaMA built from a config, with a character-level tokenizer."""
 
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 pytest.importorskip("transformers")
-from tokenizers import Tokenizer, models  # noqa: E402
+from tokenizers import Tokenizer, models, processors  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from icbs.cli import main  # noqa: E402
 from icbs.layer_stats import InputCovariance  # noqa: E402
-from icbs.llm.data import calibration_windows, eval_windows, read_text, tokenize  # noqa: E402
+from icbs.llm.commands import text_perplexity  # noqa: E402
+from icbs.llm.data import (  # noqa: E402
+    calibration_windows,
+    eval_windows,
+    read_text,
+    resolve_bos,
+    tokenize,
+)
 from icbs.llm.evaluate import perplexity  # noqa: E402
 from icbs.llm.load import load_model  # noqa: E402
 from icbs.llm.prune import LLMPruneSettings, prune_model  # noqa: E402
@@ -50,22 +58,33 @@ def text_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A 2-block LLaMA (hidden 64, MLP 128) with random weights and a char tokenizer."""
+def _tiny_llama_dir(path, bos: bool):
+    """A 2-block LLaMA (hidden 64, MLP 128) with random weights and a char tokenizer that, with
+    `bos`, adds a BOS token to every encode as Gemma's and LLaMA-2's do."""
     torch.manual_seed(0)
-    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(CHARS)}}
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
-        unk_token="<unk>")
+    vocab = {"<unk>": 0, "<s>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                        bos_token="<s>" if bos else None)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=4096, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(path)
+    LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama"), bos=False)
+
+
+@pytest.fixture(scope="module")
+def bos_model_dir(tmp_path_factory):
+    return _tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama_bos"), bos=True)
 
 
 @pytest.fixture()
@@ -91,6 +110,68 @@ def test_windows_are_seeded_and_eval_windows_do_not_overlap():
     assert eval_windows(tokens, 100).shape == (10, 100)
     with pytest.raises(ValueError, match="fewer than one window"):
         calibration_windows(tokens, 4, 2000)
+
+
+def test_bos_auto_follows_the_tokenizer(model_dir, bos_model_dir):
+    _, plain = load_model(model_dir, "cpu")
+    _, with_bos = load_model(bos_model_dir, "cpu")
+    assert with_bos("ab")["input_ids"][0] == 1 and plain("ab")["input_ids"][0] != 1
+    assert resolve_bos(with_bos, "auto") == resolve_bos(with_bos, "yes") == 1
+    assert resolve_bos(with_bos, "no") is None and resolve_bos(plain, "auto") is None
+    with pytest.raises(ValueError, match="no BOS token"):
+        resolve_bos(plain, "yes")
+    with pytest.raises(ValueError, match="bos must be one of"):
+        resolve_bos(plain, "maybe")
+    windows = calibration_windows(torch.arange(2, 500), 4, 32, seed=3, bos_id=1)
+    assert windows.shape == (4, 33) and torch.all(windows[:, 0] == 1)
+    assert torch.equal(windows[:, 1:], calibration_windows(torch.arange(2, 500), 4, 32, seed=3))
+
+
+def _direct_perplexity(model, ids: list[int], seqlen: int, count: int, bos_id) -> float:
+    """exp(mean NLL) by a plain loop: window i is ids[i*seqlen:(i+1)*seqlen], fed behind
+    `bos_id` when given; every token after the window's first input is scored."""
+    total, scored = 0.0, 0
+    for i in range(count):
+        window = ids[i * seqlen:(i + 1) * seqlen]
+        inputs = ([bos_id] if bos_id is not None else []) + window
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([inputs])).logits[0].double(), -1)
+        for t in range(1, len(inputs)):
+            total -= float(logp[t - 1, inputs[t]])
+            scored += 1
+    return math.exp(total / scored)
+
+
+def test_bos_windows_are_scored_on_every_text_token(bos_model_dir, text_file):
+    model, tokenizer = load_model(bos_model_dir, "cpu")
+    text = read_text([text_file])
+    auto = text_perplexity(model, tokenizer, [text_file], 64, 256, progress=False)
+    assert auto["bos_token_id"] == 1 and auto["windows"] == 4 and auto["scored_tokens"] == 256
+    plain_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert auto["perplexity"] == pytest.approx(
+        _direct_perplexity(model, plain_ids, 64, 4, bos_id=1), rel=1e-6)
+    # "no": the text encoded once (one BOS at its start), seqlen - 1 tokens scored a window.
+    off = text_perplexity(model, tokenizer, [text_file], 64, 256, progress=False, bos="no")
+    assert off["bos_token_id"] is None and off["scored_tokens"] == 4 * 63
+    assert off["perplexity"] == pytest.approx(
+        _direct_perplexity(model, tokenizer(text)["input_ids"], 64, 4, bos_id=None), rel=1e-6)
+
+
+def test_cli_prune_and_eval_record_the_bos_choice(bos_model_dir, model_dir, text_file, tmp_path,
+                                                  capsys):
+    for directory, bos, expected in ((bos_model_dir, "auto", 1), (bos_model_dir, "no", None),
+                                     (model_dir, "auto", None)):
+        out = tmp_path / f"{directory.name}-{bos}"
+        main(["prune", "--model", str(directory), "--method", "wanda", "--calib", str(text_file),
+              "--nsamples", "4", "--seqlen", "32", "--bos", bos, "--eval-text", str(text_file),
+              "--max-tokens", "256", "--out", str(out)])
+        report = json.loads((out / "report.json").read_text())
+        assert report["settings"]["bos"] == bos
+        assert report["bos_token_id"] == report["eval"]["bos_token_id"] == expected
+        capsys.readouterr()
+        main(["eval", "--model", str(out), "--text", str(text_file), "--seqlen", "32",
+              "--max-tokens", "256", "--bos", bos])
+        assert f"perplexity {report['eval']['perplexity']:.4f}" in capsys.readouterr().out
 
 
 def test_sequential_driver_reproduces_the_model_forward(loaded, text_file):

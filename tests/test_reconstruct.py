@@ -50,7 +50,8 @@ def test_default_tolerance_reaches_the_optimal_error_from_any_start():
     for start in (None, weight * mask, far):
         new = least_squares_update(weight, hessian, mask, damp=0.01, start=start)
         assert torch.all(new[~mask] == 0)
-        assert float(reconstruction_error(weight, new, hessian).sum()) == pytest.approx(best, rel=1e-4)
+        error = float(reconstruction_error(weight, new, hessian).sum())
+        assert error == pytest.approx(best, rel=1e-4)
 
 
 def _best_swap_step(weight0, weight, hessian, mask, pattern):

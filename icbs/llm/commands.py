@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..masks import PATTERN_HELP
+from .data import BOS_CHOICES
 from .prune import INITS, METHODS, LLMPruneSettings
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="windows per forward pass (default 8 when pruning, 1 in eval)")
     parser.add_argument("--cache-dir", default=None,
                         help="where a GGUF model is converted once (default ~/.cache/icbs/gguf)")
+    parser.add_argument("--bos", choices=BOS_CHOICES, default="auto",
+                        help="put the tokenizer's BOS token before every calibration and "
+                             "evaluation window: auto (default) when the tokenizer adds one "
+                             "(Gemma, LLaMA-2, Mistral), yes, or no (the SparseGPT/Wanda "
+                             "convention)")
 
 
 def add_commands(subparsers) -> None:
@@ -78,16 +84,19 @@ def _setup(args) -> None:
 
 
 def text_perplexity(model, tokenizer, paths, seqlen: int, max_tokens: int | None,
-                    batch_size: int = 1, progress: bool = True) -> dict:
+                    batch_size: int = 1, progress: bool = True, bos: str = "auto") -> dict:
     """Perplexity on text files with the settings that produced it."""
-    from .data import eval_windows, read_text, tokenize
+    from .data import eval_windows, read_text, resolve_bos, tokenize
     from .evaluate import perplexity
 
-    windows = eval_windows(tokenize(tokenizer, read_text(paths)), seqlen, max_tokens)
+    bos_id = resolve_bos(tokenizer, bos)
+    tokens = tokenize(tokenizer, read_text(paths), bos_id)
+    windows = eval_windows(tokens, seqlen, max_tokens, bos_id)
     tic = time.perf_counter()
     ppl = perplexity(model, windows, batch_size, progress=progress)
     return {"perplexity": ppl, "text": [str(p) for p in paths], "seqlen": seqlen,
-            "windows": len(windows), "scored_tokens": len(windows) * (seqlen - 1),
+            "bos": bos, "bos_token_id": bos_id, "windows": len(windows),
+            "scored_tokens": len(windows) * (windows.shape[1] - 1),
             "seconds": time.perf_counter() - tic}
 
 
@@ -105,7 +114,7 @@ def run_prune(args) -> None:
         percdamp=args.percdamp, mask_damp=args.mask_damp, block_size=args.block_size,
         solver=args.solver,
         include=tuple(args.include), exclude=tuple(args.exclude),
-        batch_size=args.batch_size or 8).validated()
+        batch_size=args.batch_size or 8, bos=args.bos).validated()
     if settings.needs_calibration:
         read_text(args.calib)  # missing files fail before the model is loaded
     if args.eval_text:
@@ -123,7 +132,7 @@ def run_prune(args) -> None:
                   threads=torch.get_num_threads())
     if args.eval_text:
         report["eval"] = text_perplexity(model, tokenizer, args.eval_text, args.seqlen,
-                                         args.max_tokens, args.batch_size or 1)
+                                         args.max_tokens, args.batch_size or 1, bos=args.bos)
         print(f"perplexity {report['eval']['perplexity']:.4f}")
     tic = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -145,6 +154,6 @@ def run_eval(args) -> None:
     read_text(args.text)
     model, tokenizer = load_model(args.model, args.device, args.cache_dir)
     result = text_perplexity(model, tokenizer, args.text, args.seqlen, args.max_tokens,
-                             args.batch_size or 1)
+                             args.batch_size or 1, bos=args.bos)
     print(f"perplexity {result['perplexity']:.4f} over {result['scored_tokens']} tokens "
           f"({result['windows']} windows of {args.seqlen})")

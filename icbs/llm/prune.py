@@ -15,7 +15,7 @@ from ..baselines import magnitude_mask, sparsegpt_prune, wanda_mask
 from ..layer_stats import InputCovariance
 from ..masks import check_shape, check_sparsity, mask_matches_pattern, parse_pattern
 from ..reconstruct import reconstruct_rows, reconstruction_error
-from .data import calibration_windows, read_text, tokenize
+from .data import BOS_CHOICES, calibration_windows, read_text, resolve_bos, tokenize
 from .sequential import decoder_blocks, prune_sequential, select_linears
 
 logger = logging.getLogger(__name__)
@@ -45,11 +45,14 @@ class LLMPruneSettings:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     batch_size: int = 8
+    bos: str = "auto"  # BOS before every calibration window: auto, yes, no
 
     def validated(self) -> LLMPruneSettings:
         """A checked copy (N:M patterns fix the sparsity at 1 - N/M); raises ValueError."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.bos not in BOS_CHOICES:
+            raise ValueError(f"unknown bos {self.bos!r}; expected one of {BOS_CHOICES}")
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; expected one of {INITS}")
         pattern = parse_pattern(self.pattern)
@@ -155,9 +158,11 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
     times = {}
     tic = time.perf_counter()
     windows = None
+    bos_id = resolve_bos(tokenizer, settings.bos)
     if settings.needs_calibration:
-        tokens = tokenize(tokenizer, read_text(calib_paths))
-        windows = calibration_windows(tokens, settings.nsamples, settings.seqlen, settings.seed)
+        tokens = tokenize(tokenizer, read_text(calib_paths), bos_id)
+        windows = calibration_windows(tokens, settings.nsamples, settings.seqlen, settings.seed,
+                                      bos_id)
     times["data"] = time.perf_counter() - tic
     pruner = LayerPruner(settings, sum(layer.weight.numel() for layer in layers.values()))
     tic = time.perf_counter()
@@ -170,6 +175,7 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
     pruned = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in records)
     return {
         "settings": dataclasses.asdict(settings),
+        "bos_token_id": bos_id,
         "layers": records,
         "prunable_weights": pruner.total_weights,
         "sparsity": pruned / pruner.total_weights,
