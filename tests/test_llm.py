@@ -214,6 +214,8 @@ def test_sequential_driver_reproduces_the_model_forward(loaded, text_file):
     ("wanda", "per_output", 0.7, True),
     ("sparsegpt", "unstructured", 0.6, False),
     ("sparsegpt", "4:8", 0.5, True),
+    ("alps", "unstructured", 0.6, False),
+    ("alps", "2:4", 0.5, False),
 ])
 def test_prune_model_hits_exact_sparsity(loaded, text_file, method, pattern, sparsity,
                                          reconstruct):

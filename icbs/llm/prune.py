@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..baselines import magnitude_mask, sparsegpt_prune, wanda_mask
+from ..baselines import alps_prune, magnitude_mask, sparsegpt_prune, wanda_mask
 from ..layer_stats import InputCovariance
 from ..masks import check_shape, check_sparsity, mask_matches_pattern, parse_pattern
 from ..reconstruct import reconstruct_rows, reconstruction_error
@@ -20,8 +20,8 @@ from .sequential import decoder_blocks, prune_sequential, select_linears
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "icbs")
-INITS = ("wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "alps", "icbs")
+INITS = ("wanda", "sparsegpt", "alps")
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,8 @@ class LayerPruner:
             mask = magnitude_mask(w0, s.sparsity, self.pattern)
         elif start == "wanda":
             mask = wanda_mask(w0, cov.column_norms(), s.sparsity, self.pattern)
+        elif start == "alps":
+            return alps_prune(w0, cov.hessian, s.sparsity, self.pattern, damp=s.percdamp)
         else:
             return sparsegpt_prune(w0, cov.hessian, s.sparsity, self.pattern, s.blocksize,
                                    s.percdamp)
