@@ -3,7 +3,9 @@
 One CSV row per run (method, pattern, sparsity, budget, wall time, perplexity, and the summed
 layer reconstruction errors of the one-shot start and of the result) and one PNG panel per
 setting. `icbs` starts from Wanda (--init), `icbs+rec` from SparseGPT (--rec-init) and
-alternates its block steps with least-squares updates of the kept weights. Rows already in the
+alternates its block steps with least-squares updates of the kept weights, `icbs+refit` starts
+from ALPS (--refit-init) and scores every block by the error after the refit
+(`--objective refit`); `sparsegpt+rec` is SparseGPT followed by the refit alone. Rows already in the
 CSV are skipped, so an interrupted run resumes; runs split over processes (each its own --out)
 merge by concatenating their CSVs, after which a run of the script redraws the plot.
 
@@ -28,8 +30,9 @@ from icbs.masks import parse_pattern
 
 FIELDS = ["method", "init", "reconstruct", "pattern", "sparsity", "budget", "prune_seconds",
           "perplexity", "nsamples", "seqlen", "scored_tokens", "budget_used", "error_start",
-          "error_final"]
-METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "icbs", "icbs+rec"]
+          "error_final", "steps", "accepted", "late_acceptance", "rows_visited"]
+METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "sparsegpt+rec", "alps", "icbs",
+           "icbs+rec", "icbs+refit"]
 
 
 def parse_setting(text: str) -> tuple[str, float]:
@@ -52,8 +55,11 @@ def runs(args):
                       seqlen=args.seqlen, seed=args.seed, block_size=args.block_size,
                       solver=args.solver)
         for method in args.methods:
-            if method in ("magnitude", "wanda", "sparsegpt"):
+            if method in ("magnitude", "wanda", "sparsegpt", "alps"):
                 yield (method, pattern, sparsity, 0.0), LLMPruneSettings(method=method, **common)
+            elif method == "sparsegpt+rec":
+                yield (method, pattern, sparsity, 0.0), LLMPruneSettings(
+                    method="sparsegpt", reconstruct=True, **common)
             elif method == "icbs":
                 for budget in args.budgets:
                     yield (method, pattern, sparsity, float(budget)), LLMPruneSettings(
@@ -63,6 +69,26 @@ def runs(args):
                     yield (method, pattern, sparsity, float(budget)), LLMPruneSettings(
                         method="icbs", budget=budget, init=args.rec_init, reconstruct=True,
                         **common)
+            elif method == "icbs+refit":
+                for budget in args.refit_budgets or args.budgets:
+                    yield (method, pattern, sparsity, float(budget)), LLMPruneSettings(
+                        method="icbs", budget=budget, init=args.refit_init, objective="refit",
+                        **common)
+
+
+def convergence(records: list[dict]) -> dict:
+    """Block steps and acceptance summed over the layers; for the refit objective also the
+    acceptance over each row's last steps and the fraction of rows the budget reached."""
+    steps = sum(r.get("steps", 0) for r in records)
+    out = {"steps": steps, "accepted": sum(r.get("accepted", 0) for r in records),
+           "late_acceptance": "", "rows_visited": ""}
+    conv = [r["convergence"] for r in records if "convergence" in r]
+    if conv:
+        visited = sum(c["rows_visited"] for c in conv)
+        out["rows_visited"] = round(visited / sum(c["rows"] for c in conv), 4)
+        out["late_acceptance"] = round(sum(c["late_acceptance"] * c["rows_visited"]
+                                           for c in conv) / max(visited, 1), 4)
+    return out
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -111,6 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", default="wanda", choices=INITS, help="start of icbs")
     parser.add_argument("--rec-init", default="sparsegpt", choices=INITS,
                         help="start of icbs+rec")
+    parser.add_argument("--refit-budgets", nargs="+", type=float, default=None,
+                        help="budgets of iCBS with the refit objective (default: --budgets)")
+    parser.add_argument("--refit-init", default="alps", choices=INITS,
+                        help="start of icbs+refit")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=16384, help="evaluated tokens")
@@ -143,13 +173,15 @@ def main(argv: list[str] | None = None) -> None:
                                  progress=False)
         method, pattern, sparsity, budget = key
         row = dict(method=method, init=settings.init if method.startswith("icbs") else "",
-                   reconstruct=method == "icbs+rec", pattern=pattern, sparsity=sparsity,
+                   reconstruct=settings is not None and settings.reconstruct,
+                   pattern=pattern, sparsity=sparsity,
                    budget=budget, prune_seconds=round(seconds, 1),
                    perplexity=round(result["perplexity"], 3), nsamples=args.nsamples,
                    seqlen=args.seqlen, scored_tokens=result["scored_tokens"],
                    budget_used=round(report["budget_used"], 1),
                    error_start=sum(r.get("error_before", 0.0) for r in report["layers"]),
-                   error_final=sum(r.get("error_after", 0.0) for r in report["layers"]))
+                   error_final=sum(r.get("error_after", 0.0) for r in report["layers"]),
+                   **convergence(report["layers"]))
         rows.append({k: str(v) for k, v in row.items()})
         print(",".join(str(row[f]) for f in FIELDS), flush=True)
         with csv_path.open("w", newline="") as handle:

@@ -18,9 +18,12 @@ from icbs.estimators import LayerwiseEstimator
 from icbs.layers import PrunableLayer
 from icbs.masks import Pattern, group_ids, mask_matches_pattern, parse_pattern
 from icbs.reconstruct import reconstruct_rows, reconstruction_error
+from icbs.refit_steps import improve_rows
 from icbs.selection import BlockSelector
 from icbs.solver_choice import resolve_solver
 from icbs.step import set_block_mask, solve_block
+
+OBJECTIVES = ("layerwise", "refit")
 
 
 @dataclass
@@ -35,6 +38,7 @@ class LayerResult:
     accepted: int
     seconds: float  # all of it: set-up, block steps, least-squares updates
     step_seconds: float  # block steps alone: what the budget limits
+    convergence: dict | None = None  # refit objective: rows visited / settled, late acceptance
 
 
 def improve_layer(
@@ -54,6 +58,7 @@ def improve_layer(
     rounds: int = 3,
     damp: float = 0.01,
     mask_damp: float = 0.0,
+    objective: str = "layerwise",
 ) -> LayerResult:
     """Improve a layer's keep-`mask` by `seconds` of block steps and/or `steps` steps.
 
@@ -64,7 +69,14 @@ def improve_layer(
     the budget). With `mask_damp` > 0 the mask steps minimize the error under
     H + mask_damp * mean(diag H) * I, a ridge that keeps the error out of directions the
     calibration inputs barely cover; the reported errors are always on H itself.
+
+    `objective="refit"` chooses each block's mask by the error after the row's kept weights
+    are refit (`icbs.refit_steps`, with the ridge `damp` of every refit here), visiting rows
+    one at a time; the result is refit, and `reconstruct`, `rounds` and `mask_damp` do not
+    apply.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
     if seconds is None and steps is None:
         raise ValueError("improve_layer needs seconds or steps as its budget")
     pattern = parse_pattern(pattern)
@@ -89,6 +101,18 @@ def improve_layer(
     groups = group_ids(layer.shape, pattern).flatten().to(w0.device)
     rng = np.random.default_rng(seed)
     error_before = exact.layer_error(layer)
+    if objective == "refit":
+        refit = improve_rows(w0, hessian, layer.mask, start=current * layer.mask,
+                             pattern=pattern, block_size=block_size, solver=block_solver,
+                             seed=seed, ridge=damp, seconds=seconds, steps=steps)
+        error_after = float(reconstruction_error(w0, refit.weight, hessian).sum())
+        return LayerResult(
+            weight=refit.weight, mask=refit.mask, error_before=error_before,
+            error_after=error_after, steps=refit.steps, accepted=refit.accepted,
+            seconds=time.perf_counter() - start, step_seconds=refit.seconds,
+            convergence={"rows": layer.shape[0], "rows_visited": refit.rows_visited,
+                         "rows_settled": refit.rows_settled,
+                         "late_acceptance": refit.late_acceptance})
 
     n_rounds = rounds if reconstruct else 1
     taken = accepted = 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..layerwise import OBJECTIVES
 from ..masks import PATTERN_HELP
 from .data import BOS_CHOICES
 from .prune import INITS, METHODS, LLMPruneSettings
@@ -50,6 +51,10 @@ def add_commands(subparsers) -> None:
     prune.add_argument("--budget", type=float, default=600.0,
                        help="seconds of iCBS block steps over the whole model (default 600)")
     prune.add_argument("--init", choices=INITS, default="wanda", help="iCBS start (default wanda)")
+    prune.add_argument("--objective", choices=OBJECTIVES, default="layerwise",
+                       help="what iCBS block steps minimize: the layer error with the kept "
+                            "weights frozen (layerwise, default) or after their least-squares "
+                            "refit (refit; the result is refit)")
     prune.add_argument("--reconstruct", action="store_true",
                        help="least-squares update of the kept weights (alternating with iCBS)")
     prune.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
@@ -114,7 +119,7 @@ def run_prune(args) -> None:
         percdamp=args.percdamp, mask_damp=args.mask_damp, block_size=args.block_size,
         solver=args.solver,
         include=tuple(args.include), exclude=tuple(args.exclude),
-        batch_size=args.batch_size or 8, bos=args.bos).validated()
+        batch_size=args.batch_size or 8, bos=args.bos, objective=args.objective).validated()
     if settings.needs_calibration:
         read_text(args.calib)  # missing files fail before the model is loaded
     if args.eval_text:

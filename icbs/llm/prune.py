@@ -13,6 +13,7 @@ from torch import nn
 
 from ..baselines import alps_prune, magnitude_mask, sparsegpt_prune, wanda_mask
 from ..layer_stats import InputCovariance
+from ..layerwise import OBJECTIVES
 from ..masks import check_shape, check_sparsity, mask_matches_pattern, parse_pattern
 from ..reconstruct import reconstruct_rows, reconstruction_error
 from .data import BOS_CHOICES, calibration_windows, read_text, resolve_bos, tokenize
@@ -46,6 +47,7 @@ class LLMPruneSettings:
     exclude: tuple[str, ...] = ()
     batch_size: int = 8
     bos: str = "auto"  # BOS before every calibration window: auto, yes, no
+    objective: str = "layerwise"  # iCBS block steps: "layerwise" (kept weights frozen), "refit"
 
     def validated(self) -> LLMPruneSettings:
         """A checked copy (N:M patterns fix the sparsity at 1 - N/M); raises ValueError."""
@@ -53,6 +55,9 @@ class LLMPruneSettings:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
         if self.bos not in BOS_CHOICES:
             raise ValueError(f"unknown bos {self.bos!r}; expected one of {BOS_CHOICES}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; expected one of "
+                             f"{OBJECTIVES}")
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; expected one of {INITS}")
         pattern = parse_pattern(self.pattern)
@@ -114,10 +119,12 @@ class LayerPruner:
                 w0, hessian, mask, weight=weight, pattern=self.pattern, sparsity=s.sparsity,
                 seconds=s.budget * w0.numel() / self.total_weights, block_size=s.block_size,
                 solver=s.solver, seed=s.seed, reconstruct=s.reconstruct, damp=s.percdamp,
-                mask_damp=s.mask_damp)
+                mask_damp=s.mask_damp, objective=s.objective)
             weight, mask = result.weight.float(), result.mask
             record.update(steps=result.steps, accepted=result.accepted,
                           seconds_icbs=result.seconds, seconds_steps=result.step_seconds)
+            if result.convergence:
+                record["convergence"] = result.convergence
         elif s.reconstruct:
             tic = time.perf_counter()
             weight = reconstruct_rows(w0, weight, hessian, mask, s.percdamp)
