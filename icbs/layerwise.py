@@ -77,6 +77,11 @@ def improve_layer(
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+    if objective == "refit" and not damp > 0:
+        raise ValueError(f"objective 'refit' needs damp > 0 (a ridge that keeps every row's "
+                         f"kept-set Hessian invertible), got {damp}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError("the layer's input statistics (H) are not finite")
     if seconds is None and steps is None:
         raise ValueError("improve_layer needs seconds or steps as its budget")
     pattern = parse_pattern(pattern)

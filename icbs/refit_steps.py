@@ -125,10 +125,11 @@ class RowRefit:
         if self.updates % REFRESH_EVERY == 0:
             self.reset(kept)
             return
+        inv = m[stay][:, stay] - m_sp @ solve[:, 1:]
+        self.inv = (inv + inv.T) / 2
         self.weight = torch.zeros_like(self.weight)
         self.weight[kept] = fb.y[kept] - m_sp @ solve[:, 0]
         self.kept, self.error, self._gradient = kept, error, None
-        self.inv = m[stay][:, stay] - m_sp @ solve[:, 1:]
 
 
 @dataclass
