@@ -25,6 +25,7 @@ the OBS update on F (a rank-|P| downdate of M).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,13 +116,17 @@ class RowRefit:
         in_f = torch.full((len(self.w0),), -1, dtype=torch.long, device=self.w0.device)
         in_f[free] = torch.arange(len(free), device=free.device)
         p = in_f[fb.block[pruned]]
+        self.updates += 1
+        if len(p) == 0:  # every weight of the block kept: the refit on F
+            self.kept, self.inv, self.weight, self.error = free, m, fb.y, error
+            self._gradient = None
+            return
         stay = torch.ones(len(free), dtype=torch.bool, device=p.device)
         stay[p] = False
         m_sp = m[stay][:, p]
         solve = torch.linalg.solve(m[p[:, None], p], torch.cat(
             [fb.y[free[p]].unsqueeze(1), m_sp.T], 1))
         kept = free[stay]
-        self.updates += 1
         if self.updates % REFRESH_EVERY == 0:
             self.reset(kept)
             return
@@ -176,40 +181,53 @@ def choose_row_block(row: RowRefit, groups: torch.Tensor, block_size: int,
         best_cost.scatter_reduce_(0, groups, cost, "amin")
         size = cols // group_count
         wanted = max(1, min(group_count, block_size // size))
-        chosen = _draw(best_gain / best_cost, wanted, pool_factor, rng)
+        chosen = _draw(torch.arange(group_count, device=gain.device), best_gain / best_cost,
+                       wanted, pool_factor, rng)
         return (chosen.unsqueeze(1) * size + torch.arange(size, device=chosen.device)).flatten()
-    half = block_size // 2
-    pruned = _draw(gain.masked_fill(keep, -1.0), min(half, int((~keep).sum())), pool_factor, rng)
-    kept = _draw(-cost, min(block_size - len(pruned), len(row.kept)), pool_factor, rng)
+    pruned_cols = (~keep).nonzero().squeeze(1)
+    pruned = _draw(pruned_cols, gain[pruned_cols], block_size // 2, pool_factor, rng)
+    kept = _draw(row.kept, -cost[row.kept], block_size - len(pruned), pool_factor, rng)
     return torch.cat([pruned, kept])
 
 
-def _draw(score: torch.Tensor, count: int, pool_factor: int,
+def _draw(candidates: torch.Tensor, score: torch.Tensor, count: int, pool_factor: int,
           rng: np.random.Generator) -> torch.Tensor:
-    pool = torch.argsort(score, descending=True, stable=True)[:min(len(score), pool_factor * count)]
+    """`count` (at most all) of `candidates`, at random from the best pool_factor x count."""
+    count = min(count, len(candidates))
+    pool = candidates[torch.argsort(score, descending=True, stable=True)[:pool_factor * count]]
     pick = rng.choice(len(pool), size=count, replace=False)
     return pool[torch.as_tensor(np.sort(pick), device=pool.device)]
 
 
-def refit_step(row: RowRefit, block: torch.Tensor, groups: torch.Tensor, solver,
-               seed: int) -> tuple[bool, float]:
-    """One block step on a row (`groups`: the row's group id of every column): returns
-    (accepted, the exact change of the row's post-refit error of the solver's answer)."""
-    fb = row.free_block(block)
-    y = fb.y[fb.block]
+def refit_step(rows: Sequence[RowRefit], blocks: Sequence[torch.Tensor],
+               groups: Sequence[torch.Tensor], solver, seed: int) -> tuple[bool, float]:
+    """One block step on one or more rows, their blocks solved as one QUBO: `groups` holds
+    each row's group id of every column, and equal ids of two rows share one count (the
+    unstructured pattern's single group lets sparsity move between the rows). Returns
+    (accepted, the exact change of the rows' summed post-refit error of the answer)."""
+    fbs = [row.free_block(block) for row, block in zip(rows, blocks, strict=True)]
+    y = torch.cat([fb.y[fb.block] for fb in fbs])
     zero = torch.zeros_like(y)
+    hessian = torch.block_diag(*[fb.effective_hessian() for fb in fbs])
+    x_now = torch.cat([~row.keep[fb.block] for row, fb in zip(rows, fbs, strict=True)])
+    block_groups = torch.cat([g[fb.block] for g, fb in zip(groups, fbs, strict=True)])
     # E(x) - e_F as the block QUBO's model: v = y, no gradient (F's refit is stationary).
-    qubo = build_block_qubo(y, zero, zero, 2.0 * fb.effective_hessian(), ~row.keep[fb.block],
-                            groups[fb.block])
+    qubo = build_block_qubo(y, zero, zero, 2.0 * hessian, x_now, block_groups)
     result = solver.solve(qubo.problem, x0=qubo.x_current, seed=seed)
     if np.array_equal(result.x, qubo.x_current):
         return False, 0.0
-    pruned = torch.as_tensor(np.flatnonzero(result.x), device=block.device)
-    new_error = fb.exact_error(pruned)
-    if new_error - row.error >= -1e-12 * max(row.error, 1e-300):
-        return False, new_error - row.error
-    change = new_error - row.error
-    row.apply(fb, pruned, new_error)
+    cuts = np.cumsum([len(fb.block) for fb in fbs])[:-1]
+    answers = np.split(result.x, cuts)
+    pruned = [torch.as_tensor(np.flatnonzero(x), device=y.device) for x in answers]
+    errors = [fb.exact_error(p) for fb, p in zip(fbs, pruned, strict=True)]
+    before = sum(row.error for row in rows)
+    change = sum(errors) - before
+    if change >= -1e-12 * max(before, 1e-300):
+        return False, change
+    for row, fb, p, error, x, now in zip(rows, fbs, pruned, errors, answers,
+                                         np.split(qubo.x_current, cuts), strict=True):
+        if not np.array_equal(x, now):
+            row.apply(fb, p, error)
     return True, change
 
 
@@ -230,10 +248,11 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
                  ridge: float, seconds: float | None = None, steps: int | None = None,
                  patience: int = 16) -> RefitResult:
     """Refit-aware block steps on every row of a layer, the worst rows (by the error of
-    `start`, the current weights) first, each row given an equal share of what is left of
-    the budget; a row is left early after `patience` rejected steps in a row. The error is
-    (w - w0)^T (H + ridge * mean(diag H) I) (w - w0); rows the budget does not reach are
-    refit on their mask all the same."""
+    `start`, the current weights) first, each given an equal share of what is left of the
+    budget and left early after `patience` rejected steps in a row. For `unstructured` the
+    rows go in pairs, the worst with the best, sharing one count, so that sparsity moves
+    to where it costs least. The error is (w - w0)^T (H + ridge * mean(diag H) I) (w - w0);
+    rows the budget does not reach are refit on their mask all the same."""
     from icbs.masks import group_ids
     from icbs.reconstruct import least_squares_update, reconstruction_error
 
@@ -244,43 +263,50 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
     w0 = weight0.double()
     groups = group_ids((rows, cols), pattern).to(w0.device)
     order = torch.argsort(reconstruction_error(w0, start, h), descending=True).tolist()
+    if pattern.kind == "unstructured":
+        units = [[order[i], order[rows - 1 - i]] for i in range(rows // 2)]
+        units += [[order[rows // 2]]] if rows % 2 else []
+    else:
+        units = [[r] for r in order]
     weight = least_squares_update(weight0, h.float(), mask, damp=0.0, start=start).double()
     mask = mask.clone()
     rng = np.random.default_rng(seed)
     begin = time.perf_counter()
     taken = accepted = visited = settled = 0
     late_steps = late_accepts = 0
-    for i, r in enumerate(order):
-        row_end = row_steps = None
+    for i, unit in enumerate(units):
+        unit_end = unit_steps = None
         if seconds is not None:
             left = seconds - (time.perf_counter() - begin)
             if left <= 0:
                 break
-            row_end = time.perf_counter() + left / (rows - i)
+            unit_end = time.perf_counter() + left / (len(units) - i)
         if steps is not None:
-            row_steps = steps // rows + (1 if i < steps % rows else 0)
-            if row_steps == 0:
+            unit_steps = steps // len(units) + (1 if i < steps % len(units) else 0)
+            if unit_steps == 0:
                 break
-        row = RowRefit(h, w0[r], mask[r])
-        row_groups = groups[r] - groups[r].min()
-        visited += 1
+        refits = [RowRefit(h, w0[r], mask[r]) for r in unit]
+        unit_groups = [groups[r] - groups[r].min() for r in unit]
+        visited += len(unit)
         done = rejected = 0
         history: list[bool] = []
-        while (row_steps is None or done < row_steps) and \
-                (row_end is None or time.perf_counter() < row_end):
-            block = choose_row_block(row, row_groups, block_size, rng)
-            ok, _ = refit_step(row, block, row_groups, solver, int(rng.integers(2**31)))
+        while (unit_steps is None or done < unit_steps) and \
+                (unit_end is None or time.perf_counter() < unit_end):
+            blocks = [choose_row_block(row, g, block_size // len(unit), rng)
+                      for row, g in zip(refits, unit_groups, strict=True)]
+            ok, _ = refit_step(refits, blocks, unit_groups, solver, int(rng.integers(2**31)))
             done += 1
             history.append(ok)
             rejected = 0 if ok else rejected + 1
             if rejected >= patience:
-                settled += 1
+                settled += len(unit)
                 break
         taken += done
         accepted += sum(history)
         late_steps += len(history[-patience:])
         late_accepts += sum(history[-patience:])
-        weight[r], mask[r] = row.weight, row.keep
+        for r, row in zip(unit, refits, strict=True):
+            weight[r], mask[r] = row.weight, row.keep
     return RefitResult(weight=(weight * mask).float(), mask=mask, steps=taken,
                        accepted=accepted, rows_visited=visited, rows_settled=settled,
                        late_acceptance=late_accepts / max(late_steps, 1),

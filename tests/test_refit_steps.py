@@ -91,8 +91,8 @@ def test_every_accepted_step_lowers_the_true_post_refit_error(pattern):
     rng = np.random.default_rng(0)
     error, accepted = _refit_error(h, w0, keep)[0], 0
     for step in range(60):
-        ok, change = refit_step(row, choose_row_block(row, groups, 16, rng), groups, solver,
-                                seed=step)
+        ok, change = refit_step([row], [choose_row_block(row, groups, 16, rng)], [groups],
+                                solver, seed=step)
         truth = _refit_error(h, w0, row.keep)[0]
         assert row.error == pytest.approx(truth, rel=1e-8)
         if ok:
@@ -157,3 +157,25 @@ def test_refit_objective_refuses_no_ridge_and_non_finite_statistics():
     with pytest.raises(ValueError, match="unknown objective"):
         improve_layer(w0, torch.eye(8), mask, pattern="per_output", sparsity=0.5, steps=2,
                       objective="obs")
+
+
+def test_unstructured_rows_trade_sparsity_and_keep_the_layer_count():
+    gen = torch.Generator().manual_seed(9)
+    w0 = torch.randn(4, 16, generator=gen) * torch.tensor([[4.0], [1.0], [0.3], [1.0]])
+    x = torch.randn(64, 16, generator=gen)
+    hessian = (x.T @ x / 64).double()
+    mask = torch.arange(16).repeat(4, 1) % 2 == 0  # 8 of 16 in every row
+    h = hessian + 0.01 * torch.diagonal(hessian).mean() * torch.eye(16, dtype=torch.float64)
+    start = sum(_refit_error(h, w0[r].double(), mask[r])[0] for r in range(4))
+    result = improve_rows(w0, hessian, mask, start=w0 * mask, pattern=parse_pattern(
+        "unstructured"), block_size=16, solver=get_solver("anneal"), seed=0, ridge=0.01,
+        steps=40)
+    assert int(result.mask.sum()) == 32 and result.accepted > 0
+    kept = result.mask.sum(1)
+    assert kept[0] > 8 and kept[2] < 8  # the large row keeps more, the small one less
+    final = 0.0
+    for r in range(4):
+        error, weight = _refit_error(h, w0[r].double(), result.mask[r])
+        torch.testing.assert_close(result.weight[r].double(), weight, rtol=1e-4, atol=1e-5)
+        final += error
+    assert final < start
