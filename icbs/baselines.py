@@ -145,6 +145,8 @@ def alps_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
     check_shape((rows, cols), pattern)
     if hessian.shape != (cols, cols):
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
+    if not bool(torch.isfinite(hessian).all() and torch.isfinite(weight).all()):
+        raise ValueError("alps_prune: the weights or the input statistics (H) are not finite")
     w0 = weight.detach().double()
     h = hessian.detach().double().to(w0.device)
     mean_diag = torch.diagonal(h).mean().clamp_min(1e-12)

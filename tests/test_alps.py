@@ -92,3 +92,14 @@ def test_alps_handles_dead_inputs_and_a_singular_hessian():
     weight, mask = alps_prune(w0, h, 0.5, "per_output")
     assert torch.isfinite(weight).all() and mask_matches_pattern(mask, parse_pattern(
         "per_output"), 0.5)
+
+
+def test_alps_with_no_live_input_is_finite_and_refuses_nan_statistics():
+    w0 = torch.randn(4, 8)
+    weight, mask = alps_prune(w0, torch.zeros(8, 8), 0.5, "per_output")
+    assert torch.isfinite(weight).all() and mask_matches_pattern(mask, parse_pattern(
+        "per_output"), 0.5)
+    h = torch.eye(8)
+    h[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        alps_prune(w0, h, 0.5, "per_output")
