@@ -284,15 +284,18 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(loaded):
     assert perplexity(model, windows, batch_size=2) == pytest.approx(model.config.vocab_size)
 
 
-@pytest.mark.parametrize("init,pattern,reconstruct", [
-    ("wanda", "per_output", False),
-    ("sparsegpt", "2:4", True),
+@pytest.mark.parametrize("init,pattern,reconstruct,objective", [
+    ("wanda", "per_output", False, "layerwise"),
+    ("sparsegpt", "2:4", True, "layerwise"),
+    ("alps", "per_output", False, "refit"),
 ])
-def test_icbs_improves_each_layer_from_its_start(loaded, text_file, init, pattern, reconstruct):
+def test_icbs_improves_each_layer_from_its_start(loaded, text_file, init, pattern, reconstruct,
+                                                 objective):
     model, tokenizer = loaded
     settings = LLMPruneSettings(method="icbs", init=init, pattern=pattern, nsamples=4,
                                 seqlen=32, budget=2.8, block_size=32, blocksize=16,
-                                reconstruct=reconstruct, mask_damp=0.0)  # the exact model
+                                reconstruct=reconstruct, mask_damp=0.0,  # the exact model
+                                objective=objective)
     report = prune_model(model, tokenizer, settings, [text_file], progress=False)
     assert len(report["layers"]) == 14
     assert report["budget_used"] > 0
@@ -301,7 +304,12 @@ def test_icbs_improves_each_layer_from_its_start(loaded, text_file, init, patter
         mask = report["masks"][record["name"]]
         assert mask_matches_pattern(mask, parse_pattern(pattern), 0.5)
         assert torch.all(layers[record["name"]].weight[~mask] == 0)
-        assert record["error_after"] <= record["error_before"] * (1 + 1e-5)
+        # The refit objective lowers the damped error (tests/test_refit_steps.py); on the
+        # undamped H a layer can rise by a hair.
+        slack = 1e-3 if objective == "refit" else 1e-5
+        assert record["error_after"] <= record["error_before"] * (1 + slack)
+        if objective == "refit":
+            assert 0 < record["convergence"]["rows_visited"] <= record["shape"][0]
     assert sum(r["error_after"] for r in report["layers"]) < sum(
         r["error_before"] for r in report["layers"])
 
