@@ -246,10 +246,12 @@ class RefitResult:
 def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, *,
                  start: torch.Tensor, pattern: Pattern, block_size: int, solver, seed: int,
                  ridge: float, seconds: float | None = None, steps: int | None = None,
-                 patience: int = 16) -> RefitResult:
+                 patience: int = 16, min_steps: int = 4) -> RefitResult:
     """Refit-aware block steps on every row of a layer, the worst rows (by the error of
     `start`, the current weights) first, each given an equal share of what is left of the
-    budget and left early after `patience` rejected steps in a row. For `unstructured` the
+    budget but at least `min_steps` steps (so a small time budget reaches fewer rows rather
+    than spending itself on the rows' set-up), and left early after `patience` rejected
+    steps in a row. For `unstructured` the
     rows go in pairs, the worst with the best, sharing one count, so that sparsity moves
     to where it costs least. The error is (w - w0)^T (H + ridge * mean(diag H) I) (w - w0);
     rows the budget does not reach are refit on their mask all the same."""
@@ -290,8 +292,8 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
         visited += len(unit)
         done = rejected = 0
         history: list[bool] = []
-        while (unit_steps is None or done < unit_steps) and \
-                (unit_end is None or time.perf_counter() < unit_end):
+        while (unit_steps is None or done < unit_steps) and (
+                unit_end is None or done < min_steps or time.perf_counter() < unit_end):
             blocks = [choose_row_block(row, g, block_size // len(unit), rng)
                       for row, g in zip(refits, unit_groups, strict=True)]
             ok, _ = refit_step(refits, blocks, unit_groups, solver, int(rng.integers(2**31)))
