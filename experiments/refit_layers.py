@@ -88,6 +88,22 @@ def compare(w0: torch.Tensor, h: torch.Tensor, pattern: str, sparsity: float, ar
     return rows
 
 
+def write(rows: list[dict], out: Path) -> None:
+    """refit_layers.csv and a markdown table of the same rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "refit_layers.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| layer | setting | method | steps per row | seconds | error | vs SparseGPT+refit "
+             "| vs ALPS |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['layer'].removeprefix('model.layers.')} | {r['pattern']} "
+              f"{float(r['sparsity']):.0%} | {r['method']} | {r['steps_per_row']} | "
+              f"{r['seconds']} | {r['error']} | {r['vs_sparsegpt']} | {r['vs_alps']} |"
+              for r in rows]
+    (out / "refit_layers.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,18 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             for row in compare(w0, h, pattern, float(sparsity or 0.5), args):
                 rows.append(dict(layer=name, **row))
                 print(",".join(str(rows[-1][f]) for f in FIELDS), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "refit_layers.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| layer | setting | method | steps per row | seconds | error | vs SparseGPT+refit "
-             "| vs ALPS |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['layer'].removeprefix('model.layers.')} | {r['pattern']} "
-              f"{r['sparsity']:.0%} | {r['method']} | {r['steps_per_row']} | {r['seconds']} | "
-              f"{r['error']} | {r['vs_sparsegpt']} | {r['vs_alps']} |" for r in rows]
-    (out / "refit_layers.md").write_text("\n".join(lines) + "\n")
+            write(rows, Path(args.out))  # after every layer: an interrupted run keeps its rows
 
 
 if __name__ == "__main__":
