@@ -68,6 +68,18 @@ def _block_prune_counts(pattern: Pattern, sparsity: float, rows: int, i1: int, i
     return round(sparsity * rows * i2) - round(sparsity * rows * i1)
 
 
+def _checked(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
+             pattern: Pattern | str) -> tuple[Pattern, float]:
+    """The parsed pattern and sparsity of a Hessian-based method; raises on a bad shape."""
+    pattern = parse_pattern(pattern)
+    sparsity = check_sparsity(sparsity)
+    cols = weight.shape[1]
+    check_shape(tuple(weight.shape), pattern)
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
+    return pattern, sparsity
+
+
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
                     pattern: Pattern | str, blocksize: int = 128,
                     percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,12 +90,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     `unstructured`, per row for `per_output`, per group of M inputs for N:M). Returns the
     pruned, updated weights (float32) and the keep-mask.
     """
-    pattern = parse_pattern(pattern)
-    sparsity = check_sparsity(sparsity)
+    pattern, sparsity = _checked(weight, hessian, sparsity, pattern)
     rows, cols = weight.shape
-    check_shape((rows, cols), pattern)
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
     if pattern.kind == "nm" and blocksize % pattern.m:
         raise ValueError(f"blocksize {blocksize} is not a multiple of M={pattern.m}")
     w = weight.detach().clone().float()
@@ -139,12 +147,8 @@ def alps_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
     """
     from .reconstruct import least_squares_update
 
-    pattern = parse_pattern(pattern)
-    sparsity = check_sparsity(sparsity)
-    rows, cols = weight.shape
-    check_shape((rows, cols), pattern)
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
+    pattern, sparsity = _checked(weight, hessian, sparsity, pattern)
+    cols = weight.shape[1]
     if not bool(torch.isfinite(hessian).all() and torch.isfinite(weight).all()):
         raise ValueError("alps_prune: the weights or the input statistics (H) are not finite")
     w0 = weight.detach().double()
