@@ -90,34 +90,36 @@ def improve_layer(
     start = time.perf_counter()
     w0 = weight0.float()
     current = (w0 if weight is None else weight.float()).clone()
+    block_solver = resolve_solver(solver)
+    block_solver.warm_up()  # compilation is set-up, not budget
+    if block_solver.max_variables is not None:  # e.g. what a dimod sampler declares
+        block_size = min(block_size, block_solver.max_variables)
+    start_errors = reconstruction_error(w0, current * mask, hessian)
+    if objective == "refit":
+        refit = improve_rows(w0, hessian, mask, start=current * mask, pattern=pattern,
+                             block_size=block_size, solver=block_solver, seed=seed, ridge=damp,
+                             seconds=seconds, steps=steps)
+        return LayerResult(
+            weight=refit.weight, mask=refit.mask, error_before=float(start_errors.sum()),
+            error_after=float(reconstruction_error(w0, refit.weight, hessian).sum()),
+            steps=refit.steps, accepted=refit.accepted, seconds=time.perf_counter() - start,
+            step_seconds=refit.seconds,
+            convergence={"rows": len(w0), "rows_visited": refit.rows_visited,
+                         "rows_settled": refit.rows_settled,
+                         "late_acceptance": refit.late_acceptance})
+
     layer = PrunableLayer("layer", None, w0, mask.clone(), current)
     ridge = mask_damp * torch.diagonal(hessian).mean()
     estimator = LayerwiseEstimator({"layer": hessian.float() + ridge * torch.eye(
         len(hessian), dtype=torch.float32, device=hessian.device)})
     exact = LayerwiseEstimator({"layer": hessian.float()}) if mask_damp else estimator
     scores = wanda_scores(w0, torch.sqrt(torch.diagonal(hessian).clamp_min(0)))
-    block_solver = resolve_solver(solver)
-    block_solver.warm_up()  # compilation is set-up, not budget
-    if block_solver.max_variables is not None:  # e.g. what a dimod sampler declares
-        block_size = min(block_size, block_solver.max_variables)
     selector = BlockSelector([layer], {"layer": scores}, pattern, block_size)
     # Under a budget that covers only part of the layer, the worst rows go first.
-    selector.prioritize_rows(0, reconstruction_error(w0, current * mask, hessian).cpu().numpy())
+    selector.prioritize_rows(0, start_errors.cpu().numpy())
     groups = group_ids(layer.shape, pattern).flatten().to(w0.device)
     rng = np.random.default_rng(seed)
     error_before = exact.layer_error(layer)
-    if objective == "refit":
-        refit = improve_rows(w0, hessian, layer.mask, start=current * layer.mask,
-                             pattern=pattern, block_size=block_size, solver=block_solver,
-                             seed=seed, ridge=damp, seconds=seconds, steps=steps)
-        error_after = float(reconstruction_error(w0, refit.weight, hessian).sum())
-        return LayerResult(
-            weight=refit.weight, mask=refit.mask, error_before=error_before,
-            error_after=error_after, steps=refit.steps, accepted=refit.accepted,
-            seconds=time.perf_counter() - start, step_seconds=refit.seconds,
-            convergence={"rows": layer.shape[0], "rows_visited": refit.rows_visited,
-                         "rows_settled": refit.rows_settled,
-                         "late_acceptance": refit.late_acceptance})
 
     n_rounds = rounds if reconstruct else 1
     taken = accepted = 0
