@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from icbs.block_qubo import build_block_qubo
-from icbs.masks import Pattern
+from icbs.masks import Pattern, group_ids
+from icbs.reconstruct import least_squares_update, reconstruction_error
 
 REFRESH_EVERY = 64  # accepted steps between fresh inverses (bounds the update's rounding drift)
 
@@ -255,9 +256,6 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
     rows go in pairs, the worst with the best, sharing one count, so that sparsity moves
     to where it costs least. The error is (w - w0)^T (H + ridge * mean(diag H) I) (w - w0);
     rows the budget does not reach are refit on their mask all the same."""
-    from icbs.masks import group_ids
-    from icbs.reconstruct import least_squares_update, reconstruction_error
-
     rows, cols = weight0.shape
     h = hessian.double()
     h = h + ridge * torch.diagonal(h).mean().clamp_min(1e-12) * torch.eye(
@@ -270,8 +268,9 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
         units += [[order[rows // 2]]] if rows % 2 else []
     else:
         units = [[r] for r in order]
-    weight = least_squares_update(weight0, h.float(), mask, damp=0.0, start=start).double()
+    weight = torch.empty_like(w0)
     mask = mask.clone()
+    reached = torch.zeros(rows, dtype=torch.bool, device=w0.device)
     rng = np.random.default_rng(seed)
     begin = time.perf_counter()
     taken = accepted = visited = settled = 0
@@ -308,7 +307,11 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
         late_steps += len(history[-patience:])
         late_accepts += sum(history[-patience:])
         for r, row in zip(unit, refits, strict=True):
-            weight[r], mask[r] = row.weight, row.keep
+            weight[r], mask[r], reached[r] = row.weight, row.keep, True
+    rest = (~reached).nonzero().squeeze(1)
+    if len(rest):  # rows the budget did not reach: refit on their mask all the same
+        weight[rest] = least_squares_update(weight0[rest], h.float(), mask[rest], damp=0.0,
+                                            start=start[rest]).double()
     return RefitResult(weight=(weight * mask).float(), mask=mask, steps=taken,
                        accepted=accepted, rows_visited=visited, rows_settled=settled,
                        late_acceptance=late_accepts / max(late_steps, 1),
