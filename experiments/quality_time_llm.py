@@ -35,6 +35,9 @@ METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "sparsegpt+rec", "alps", 
            "icbs+rec", "icbs+refit"]
 
 
+DEFAULT_INITS = {"icbs": "wanda", "icbs+rec": "sparsegpt", "icbs+refit": "alps"}
+
+
 def parse_setting(text: str) -> tuple[str, float]:
     """"per_output@0.5" -> ("per_output", 0.5); "2:4" -> ("2:4", 0.5)."""
     name, _, sparsity = text.partition("@")
@@ -104,12 +107,16 @@ def plot(rows: list[dict], path: Path) -> None:
                              squeeze=False)
     for ax, (pattern, sparsity) in zip(axes[0], settings, strict=False):
         chosen = [r for r in rows if r["pattern"] == pattern and float(r["sparsity"]) == sparsity]
-        for method in METHODS[1:]:
+        for method, init in sorted({(r["method"], r["init"]) for r in chosen},
+                                   key=lambda m: (METHODS.index(m[0]), m[1])):
             pts = sorted((float(r["prune_seconds"]), float(r["perplexity"])) for r in chosen
-                         if r["method"] == method)
-            if pts:
-                ax.plot(*zip(*pts, strict=True), "o-" if method.startswith("icbs") else "s",
-                        color=f"C{METHODS.index(method)}", label=method)
+                         if (r["method"], r["init"]) == (method, init))
+            icbs = method.startswith("icbs")
+            # one colour per method across panels; an iCBS start other than its default dashed
+            dashed = icbs and init != DEFAULT_INITS[method]
+            ax.plot(*zip(*pts, strict=True), ("o--" if dashed else "o-") if icbs else "s",
+                    color=f"C{METHODS.index(method)}",
+                    label=f"{method} from {init}" if icbs else method)
         if dense:
             ax.axhline(dense[0], color="gray", ls="--", label="dense")
         ax.set(title=f"{pattern} {sparsity:.0%}", xlabel="pruning time (s)", ylabel="perplexity",
@@ -134,12 +141,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="iCBS seconds of block steps over the whole model")
     parser.add_argument("--rec-budgets", nargs="+", type=float, default=None,
                         help="budgets of iCBS with reconstruction (default: --budgets)")
-    parser.add_argument("--init", default="wanda", choices=INITS, help="start of icbs")
-    parser.add_argument("--rec-init", default="sparsegpt", choices=INITS,
+    parser.add_argument("--init", default=DEFAULT_INITS["icbs"], choices=INITS,
+                        help="start of icbs")
+    parser.add_argument("--rec-init", default=DEFAULT_INITS["icbs+rec"], choices=INITS,
                         help="start of icbs+rec")
     parser.add_argument("--refit-budgets", nargs="+", type=float, default=None,
                         help="budgets of iCBS with the refit objective (default: --budgets)")
-    parser.add_argument("--refit-init", default="alps", choices=INITS,
+    parser.add_argument("--refit-init", default=DEFAULT_INITS["icbs+refit"], choices=INITS,
                         help="start of icbs+refit")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
@@ -158,10 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "quality_time.csv"
     rows = list(csv.DictReader(csv_path.open())) if csv_path.exists() else []
-    done = {(r["method"], r["pattern"], float(r["sparsity"]), float(r["budget"])) for r in rows}
+    done = {(r["method"], r["init"], r["pattern"], float(r["sparsity"]), float(r["budget"]))
+            for r in rows}
     model_dir = resolve_model_dir(args.model)
     for key, settings in runs(args):
-        if key in done:
+        method, pattern, sparsity, budget = key
+        init = settings.init if method.startswith("icbs") else ""
+        if (method, init, pattern, sparsity, budget) in done:
             continue
         model, tokenizer = load_model(model_dir, "cpu")
         tic = time.perf_counter()
@@ -171,8 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.perf_counter() - tic
         result = text_perplexity(model, tokenizer, args.eval, args.seqlen, args.max_tokens,
                                  progress=False)
-        method, pattern, sparsity, budget = key
-        row = dict(method=method, init=settings.init if method.startswith("icbs") else "",
+        row = dict(method=method, init=init,
                    reconstruct=settings is not None and settings.reconstruct,
                    pattern=pattern, sparsity=sparsity,
                    budget=budget, prune_seconds=round(seconds, 1),
