@@ -155,18 +155,21 @@ def alps_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
     h = hessian.detach().double().to(w0.device)
     mean_diag = torch.diagonal(h).mean().clamp_min(1e-12)
     h_ridge = h + ridge * mean_diag * torch.eye(cols, dtype=h.dtype, device=h.device)
-    eigenvalues, basis = torch.linalg.eigh(h_ridge)
-    target = w0 @ h_ridge  # row r: ((H + lambda I) w0_r)^T
+    eigenvalues, basis = (t.float() for t in torch.linalg.eigh(h_ridge))
+    # The iteration runs in float32: half the time of float64, and on SmolLM2's layers a
+    # post-refit error within 3e-4 (relative) of it; the decomposition stays float64.
+    target = (w0 @ h_ridge).float()  # row r: ((H + lambda I) w0_r)^T
     rho = rho0 * float(mean_diag)
     mask = mask_from_scores(w0.abs(), sparsity, pattern)
-    d = w0 * mask
-    v = torch.zeros_like(w0)
+    d = w0.float() * mask
+    v = torch.zeros_like(d)
     kept = int(mask.sum())
     previous = mask
     for it in range(1, max_iter + 1):
         w = ((target - v + rho * d) @ basis) / (eigenvalues + rho) @ basis.T
-        mask = mask_from_scores((w + v / rho).abs(), sparsity, pattern)
-        d = (w + v / rho) * mask
+        z = w + v / rho
+        mask = mask_from_scores(z.abs(), sparsity, pattern)
+        d = z * mask
         v += rho * (w - d)
         if it % update_every == 0:
             moved = int((mask != previous).sum()) // 2
@@ -175,6 +178,5 @@ def alps_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
                 break
             rho *= 1.3 if moved >= 0.1 * kept else 1.2 if moved >= 0.005 * kept else 1.1
             previous = mask
-    refit = least_squares_update(weight.float(), hessian.float(), mask, damp=damp,
-                                 start=d.float())
+    refit = least_squares_update(weight.float(), hessian.float(), mask, damp=damp, start=d)
     return refit * mask, mask

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +28,27 @@ def test_masks_hit_the_count_exactly_even_with_ties(pattern):
         s = scores.flatten()[groups == g]
         m = mask.flatten()[groups == g]
         assert s[~m].max() <= s[m].min()
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "per_output", "2:4", "4:8"])
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
+def test_mask_equals_a_stable_sort_of_every_group(pattern, sparsity):
+    """The pruned weights are the first k of each group in a stable ascending sort (ties go to
+    the earlier weight), NaN scores counting as the highest."""
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 5, (10, 16), generator=gen).float()
+    scores[torch.rand(10, 16, generator=gen) < 0.05] = float("nan")
+    p = parse_pattern(pattern)
+    mask = mask_from_scores(scores, sparsity, p)
+    k = pruned_per_group((10, 16), p, sparsity)
+    groups = group_ids((10, 16), p).flatten().numpy()
+    flat = scores.flatten().numpy()
+    flat = np.where(np.isnan(flat), np.inf, flat)
+    expect = np.ones(flat.size, dtype=bool)
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)  # in position order
+        expect[members[np.argsort(flat[members], kind="stable")[:k]]] = False
+    assert np.array_equal(mask.flatten().numpy(), expect)
 
 
 def test_groups_by_brute_force():
