@@ -71,8 +71,8 @@ def improve_layer(
     calibration inputs barely cover; the reported errors are always on H itself.
 
     `objective="refit"` chooses each block's mask by the error after the row's kept weights
-    are refit (`icbs.refit_steps`, with the ridge `damp` of every refit here), visiting rows
-    one at a time; the result is refit, and `reconstruct`, `rounds` and `mask_damp` do not
+    are refit (`icbs.refit_steps`, with the ridge `damp` of every refit here), stepping rows
+    in batches; the result is refit, and `reconstruct`, `rounds` and `mask_damp` do not
     apply.
     """
     if objective not in OBJECTIVES:

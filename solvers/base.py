@@ -54,6 +54,21 @@ class Solver:
             raise RuntimeError(f"solver {self.name!r} returned an infeasible state")
         return SolveResult(x=x, energy=problem.energy(x), info=info)
 
+    def solve_many(
+        self,
+        problems: list[CardinalityQUBO],
+        x0s: list[np.ndarray | None] | None = None,
+        seeds: list[int | None] | None = None,
+    ) -> list[SolveResult]:
+        """Solve independent problems (`x0s` and `seeds` one per problem); a backend that can
+        batch them (one kernel call, one sampler submission) overrides this loop."""
+        x0s = [None] * len(problems) if x0s is None else x0s
+        seeds = [None] * len(problems) if seeds is None else seeds
+        if not len(x0s) == len(seeds) == len(problems):
+            raise ValueError(f"solve_many needs one x0 and one seed per problem, got "
+                             f"{len(problems)} problems, {len(x0s)} x0s, {len(seeds)} seeds")
+        return [self.solve(p, x0, s) for p, x0, s in zip(problems, x0s, seeds, strict=True)]
+
     def _solve(
         self, problem: CardinalityQUBO, x0: np.ndarray | None, rng: np.random.Generator
     ) -> tuple[np.ndarray, dict[str, Any]]:

@@ -10,7 +10,7 @@ from icbs.block_qubo import build_block_qubo
 from icbs.layerwise import improve_layer
 from icbs.masks import group_ids, mask_matches_pattern, parse_pattern
 from icbs.reconstruct import reconstruction_error
-from icbs.refit_steps import RowRefit, choose_row_block, improve_rows, refit_step
+from icbs.refit_steps import RowsRefit, choose_blocks, improve_rows, refit_step
 from solvers import get_solver
 
 
@@ -39,70 +39,111 @@ def test_block_step_values_against_a_lstsq_refit_of_every_feasible_mask(pattern)
     w0 = torch.randn(cols, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     keep = torch.tensor([1, 0, 1, 0, 0, 1, 1, 0, 1, 1, 0, 0], dtype=torch.bool)
     groups = group_ids((1, cols), parse_pattern(pattern))[0]
-    row = RowRefit(h, w0, keep)
-    assert row.error == pytest.approx(_refit_error(h, w0, keep)[0], rel=1e-12)
+    row = RowsRefit(h, w0[None], keep[None])
+    assert float(row.error[0]) == pytest.approx(_refit_error(h, w0, keep)[0], rel=1e-12)
     block = torch.arange(8)  # two whole 2:4 groups, or 8 columns of one row group
-    fb = row.free_block(block)
-    qubo = build_block_qubo(fb.y[fb.block], torch.zeros(8, dtype=torch.float64),
-                            torch.zeros(8, dtype=torch.float64), 2 * fb.effective_hessian(),
-                            ~keep[fb.block], groups[fb.block])
+    fb = row.free_blocks(block[None])
+    order = fb.block[0]
+    qubo = build_block_qubo(fb.y[0, order], torch.zeros(8, dtype=torch.float64),
+                            torch.zeros(8, dtype=torch.float64), 2 * fb.effective_hessians()[0],
+                            ~keep[order], groups[order])
     checked = 0
     for xs in itertools.product([0, 1], repeat=8):
         x = np.array(xs)
         if not qubo.problem.is_feasible(x):
             continue
         trial = keep.clone()
-        trial[fb.block] = torch.as_tensor(x == 0)
+        trial[order] = torch.as_tensor(x == 0)
         truth = _refit_error(h, w0, trial)[0]
-        pruned = torch.as_tensor(np.flatnonzero(x))
-        assert fb.exact_error(pruned) == pytest.approx(truth, rel=1e-9, abs=1e-12)
-        assert fb.error + qubo.delta(x) >= truth - 1e-9  # the QUBO is an upper bound
+        pruned = torch.as_tensor(np.flatnonzero(x))[None]
+        assert float(fb.exact_errors(pruned)[0]) == pytest.approx(truth, rel=1e-9, abs=1e-12)
+        assert float(fb.error[0]) + qubo.delta(x) >= truth - 1e-9  # the QUBO is an upper bound
         checked += 1
     assert checked == (70 if pattern == "per_output" else 36)
 
 
-def test_an_applied_step_leaves_the_row_at_the_refit_of_its_new_mask():
+def test_an_applied_step_leaves_the_rows_at_the_refit_of_their_new_masks():
     cols = 16
     h = _hessian(cols, 50, seed=3)
-    w0 = torch.randn(cols, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    row = RowRefit(h, w0, torch.arange(cols) % 2 == 0)
-    fb = row.free_block(torch.tensor([0, 1, 2, 3, 5, 8]))  # kept 0, 2, 8; pruned 1, 3, 5
-    pruned = torch.tensor([0, 1, 4])  # positions in fb.block
-    expected = fb.exact_error(pruned)
-    row.apply(fb, pruned, expected)
-    truth, weight = _refit_error(h, w0, row.keep)
-    assert int(row.keep.sum()) == 8 and set(fb.block[pruned].tolist()) & set(
-        row.kept.tolist()) == set()
-    assert row.error == pytest.approx(truth, rel=1e-10)
-    torch.testing.assert_close(row.weight, weight, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(row.inv, torch.linalg.inv(h[row.kept][:, row.kept]),
-                               rtol=1e-8, atol=1e-10)
+    w0 = torch.randn(3, cols, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    keep = torch.stack([torch.arange(cols) % 2 == 0, torch.arange(cols) % 2 == 1,
+                        torch.arange(cols) < 8])
+    rows = RowsRefit(h, w0, keep)
+    # per row 3 kept and 3 pruned columns
+    fb = rows.free_blocks(torch.tensor([[0, 1, 2, 3, 5, 8], [0, 1, 2, 3, 4, 5],
+                                        [0, 1, 2, 8, 9, 10]]))
+    pruned = torch.tensor([[0, 1, 4], [0, 1, 2], [2, 3, 5]])  # block positions
+    expected = fb.exact_errors(pruned)
+    pruned_cols = fb.block[[0, 2]].gather(1, pruned[[0, 2]])
+    rows.apply(fb, pruned, expected, torch.tensor([True, False, True]))  # rows 0 and 2
+    for r in range(3):
+        truth, weight = _refit_error(h, w0[r], rows.keep[r])
+        assert int(rows.keep[r].sum()) == 8
+        assert float(rows.error[r]) == pytest.approx(truth, rel=1e-10)
+        torch.testing.assert_close(rows.weight[r], weight, rtol=1e-8, atol=1e-10)
+        kept = rows.kept[r]
+        torch.testing.assert_close(rows.inv[r], torch.linalg.inv(h[kept][:, kept]),
+                                   rtol=1e-8, atol=1e-10)
+    assert torch.equal(rows.keep[1], keep[1])  # not applied: unchanged
+    for i, r in enumerate([0, 2]):
+        assert not rows.keep[r, pruned_cols[i]].any()
+
+
+def test_a_batch_steps_its_rows_as_single_row_batches_do():
+    cols = 16
+    h = _hessian(cols, 50, seed=10)
+    gen = torch.Generator().manual_seed(11)
+    w0 = torch.randn(4, cols, generator=gen, dtype=torch.float64)
+    keep = torch.rand(4, cols, generator=gen).argsort(1) < 8
+    blocks = torch.stack([torch.cat([(~keep[r]).nonzero()[:3, 0], keep[r].nonzero()[:3, 0]])
+                          for r in range(4)])
+    pruned = torch.tensor([[0, 1, 2], [3, 4, 5], [0, 3, 4], [1, 2, 5]])
+    take = torch.tensor([True, True, False, True])
+    batch = RowsRefit(h, w0, keep)
+    fb = batch.free_blocks(blocks)
+    errors = fb.exact_errors(pruned)
+    batch.apply(fb, pruned, errors, take)
+    for r in range(4):
+        one = RowsRefit(h, w0[r:r + 1], keep[r:r + 1])
+        fb_one = one.free_blocks(blocks[r:r + 1])
+        torch.testing.assert_close(fb_one.m_bb[0], fb.m_bb[r], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(fb_one.y[0], fb.y[r], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(fb_one.exact_errors(pruned[r:r + 1]), errors[r:r + 1],
+                                   rtol=1e-12, atol=0)
+        if take[r]:
+            one.apply(fb_one, pruned[r:r + 1], errors[r:r + 1], torch.tensor([True]))
+        assert torch.equal(one.keep[0], batch.keep[r])
+        torch.testing.assert_close(one.weight[0], batch.weight[r], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(one.error[0], batch.error[r], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("pattern", ["per_output", "2:4"])
 def test_every_accepted_step_lowers_the_true_post_refit_error(pattern):
     cols = 32
     h = _hessian(cols, 48, seed=5)
-    w0 = torch.randn(cols, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    w0 = torch.randn(3, cols, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     groups = group_ids((1, cols), parse_pattern(pattern))[0]
-    keep = torch.arange(cols) % 4 < 2  # 2 of every 4 kept
-    row = RowRefit(h, w0, keep)
+    keep = (torch.arange(cols) % 4 < 2).repeat(3, 1)  # 2 of every 4 kept
+    rows = RowsRefit(h, w0, keep)
     solver = get_solver("anneal")
-    rng = np.random.default_rng(0)
-    error, accepted = _refit_error(h, w0, keep)[0], 0
-    for step in range(60):
-        ok, change = refit_step([row], [choose_row_block(row, groups, 16, rng)], [groups],
-                                solver, seed=step)
-        truth = _refit_error(h, w0, row.keep)[0]
-        assert row.error == pytest.approx(truth, rel=1e-8)
-        if ok:
-            assert change < 0 and truth == pytest.approx(error + change, rel=1e-8)
-            accepted += 1
-        else:
-            assert truth == pytest.approx(error, rel=1e-12)
+    gen = torch.Generator().manual_seed(0)
+    error = torch.tensor([_refit_error(h, w0[r], keep[r])[0] for r in range(3)],
+                         dtype=torch.float64)
+    accepted = 0
+    for _ in range(40):
+        ok, change = refit_step([rows], [choose_blocks(rows, groups, 16, gen)], [groups],
+                                solver, gen)
+        truth = torch.tensor([_refit_error(h, w0[r], rows.keep[r])[0] for r in range(3)],
+                             dtype=torch.float64)
+        torch.testing.assert_close(rows.error, truth, rtol=1e-8, atol=0)
+        assert torch.all(change[ok] < 0)
+        torch.testing.assert_close(truth[ok], (error + change)[ok], rtol=1e-8, atol=0)
+        torch.testing.assert_close(truth[~ok], error[~ok], rtol=1e-12, atol=0)
+        accepted += int(ok.sum())
         error = truth
-        counts = torch.bincount(groups[~row.keep], minlength=int(groups.max()) + 1)
-        assert torch.all(counts == torch.bincount(groups[~keep], minlength=len(counts)))
+        for r in range(3):
+            counts = torch.bincount(groups[~rows.keep[r]], minlength=int(groups.max()) + 1)
+            assert torch.all(counts == torch.bincount(groups[~keep[r]], minlength=len(counts)))
     assert accepted > 0
 
 

@@ -155,6 +155,20 @@ def test_same_seed_same_answer(name, params):
     assert np.array_equal(a.x, b.x) and a.energy == b.energy
 
 
+@pytest.mark.parametrize("name", ["anneal", "greedy"])
+def test_solve_many_answers_each_problem_as_solve_does(name):
+    rng = np.random.default_rng(5)
+    problems = [random_problem(rng, n, pruning=True) for n in (6, 9, 12)]
+    starts = [None, problems[1].magnitude_start(), None]
+    solver = get_solver(name)
+    many = solver.solve_many(problems, starts, [1, 2, 3])
+    for p, x0, seed, result in zip(problems, starts, [1, 2, 3], many, strict=True):
+        one = solver.solve(p, x0=x0, seed=seed)
+        assert np.array_equal(result.x, one.x) and result.energy == one.energy
+    with pytest.raises(ValueError, match="one x0 and one seed per problem"):
+        solver.solve_many(problems, starts[:2], [1, 2, 3])
+
+
 def test_more_restarts_never_worse():
     rng = np.random.default_rng(11)
     for t in range(5):
