@@ -8,7 +8,7 @@ pruned count per constraint group at every step.
 
 from __future__ import annotations
 
-import io
+import json
 import logging
 import signal
 import sys
@@ -235,47 +235,93 @@ class Pruner:
             objective={"start": self.objective_start, "estimated_end": self.objective},
         )
 
-    # Checkpoints: masks, RNG and selector state, step trace; written atomically.
+    # Checkpoints: one safetensors file, the masks (and the selector's arrays) as tensors,
+    # everything else as JSON in its metadata; written atomically, read without pickle.
 
     def save_checkpoint(self, path: str | Path) -> None:
+        from safetensors.torch import save
+
+        selector = self.selector.state()
+        tensors = {f"mask/{layer.name}": layer.mask.cpu().contiguous() for layer in self.layers}
+        for i, (tabu, queue) in enumerate(zip(selector["tabu_until"], selector["group_queue"],
+                                              strict=True)):
+            tensors[f"tabu/{i}"] = torch.from_numpy(np.ascontiguousarray(tabu))
+            if queue is not None:
+                tensors[f"queue/{i}"] = torch.from_numpy(np.ascontiguousarray(queue))
         state = {
+            "format": CHECKPOINT_FORMAT,
             "settings": self.settings.to_dict(),
-            "masks": {layer.name: layer.mask.cpu() for layer in self.layers},
+            "layers": [layer.name for layer in self.layers],
             "rng": self.rng.bit_generator.state,
-            "selector": self.selector.state(),
+            "selector": {"step": selector["step"], "cursor": selector["cursor"]},
             "trace": [vars(r) for r in self.trace],
             "elapsed": self.elapsed,
             "objective": self.objective,
         }
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        write_atomic(Path(path), buffer.getvalue())
+        write_atomic(Path(path), save(tensors, metadata={"icbs": json.dumps(state)}))
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Continue from a checkpoint of a run with the same settings on the same model."""
-        state = torch.load(path, weights_only=False)
-        if state["settings"] != self.settings.to_dict():
+        tensors, state = read_checkpoint(path)
+        if state["settings"] != json.loads(json.dumps(self.settings.to_dict())):
             raise ValueError(f"checkpoint {path} was written with other settings: "
                              f"{state['settings']}")
         names = [layer.name for layer in self.layers]
-        if list(state["masks"]) != names:
-            raise ValueError(f"checkpoint {path} has layers {list(state['masks'])}, the model "
+        if state["layers"] != names:
+            raise ValueError(f"checkpoint {path} has layers {state['layers']}, the model "
                              f"has {names}")
+        masks = {}
         for layer in self.layers:
-            mask = state["masks"][layer.name].to(layer.w0.device)
-            if mask.shape != layer.mask.shape or not mask_matches_pattern(
-                    mask.cpu(), self.pattern, self.settings.sparsity):
+            mask = tensors.get(f"mask/{layer.name}")
+            if mask is None or mask.dtype != torch.bool or mask.shape != layer.mask.shape or \
+                    not mask_matches_pattern(mask, self.pattern, self.settings.sparsity):
                 raise ValueError(f"checkpoint {path}: mask of {layer.name} does not fit")
+            masks[layer.name] = mask
+        selector = {"step": state["selector"]["step"], "cursor": state["selector"]["cursor"],
+                    "tabu_until": [tensors[f"tabu/{i}"].numpy() for i in range(len(names))],
+                    "group_queue": [tensors[f"queue/{i}"].numpy() if f"queue/{i}" in tensors
+                                    else None for i in range(len(names))]}
         for layer in self.layers:
-            layer.mask = state["masks"][layer.name].to(layer.w0.device)
+            layer.mask = masks[layer.name].to(layer.w0.device)
             layer.apply()
         self.rng.bit_generator.state = state["rng"]
-        self.selector.load_state(state["selector"])
+        self.selector.load_state(selector)
         self.trace = [StepRecord(**r) for r in state["trace"]]
         self.elapsed = state["elapsed"]
         self.objective = state["objective"]
         self._loss = None
         self.estimator.changed()
+
+
+CHECKPOINT_FORMAT = "icbs-checkpoint-1"
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of a checkpoint written by `Pruner.save_checkpoint`; anything else
+    (a pickle, a foreign or corrupt file) is refused with a ValueError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} is not a file")
+    data = path.read_bytes()
+    try:
+        tensors = load(data)
+        header_size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
+        state = json.loads(metadata["icbs"])
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise KeyError("format")
+        for key in ("settings", "layers", "rng", "selector", "trace", "elapsed", "objective"):
+            state[key]  # noqa: B018 - every field must be there
+        needed = {f"tabu/{i}" for i in range(len(state["layers"]))}
+        if not needed <= tensors.keys():
+            raise KeyError("tabu")
+    except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"checkpoint {path} is not an icbs checkpoint (a safetensors file "
+                         f"written by Pruner.save_checkpoint): {exc!r}") from None
+    return tensors, state
 
 
 def _json_safe(info: dict) -> dict:

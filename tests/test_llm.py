@@ -369,3 +369,43 @@ def test_improve_layer_budget_counts_block_steps_not_least_squares():
     # each round steps until its share of the budget has passed; updates come on top
     assert result.step_seconds >= 0.3
     assert result.seconds > result.step_seconds
+
+
+def test_a_model_directory_with_only_pickle_weights_is_refused(model_dir, tmp_path):
+    pickled = tmp_path / "pickled"
+    model, tokenizer = load_model(model_dir, "cpu")
+    model.save_pretrained(pickled)
+    tokenizer.save_pretrained(pickled)
+    (pickled / "model.safetensors").unlink()  # the weights as an old checkpoint has them
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"no safetensors weights \(only \['pytorch_model.bin'\]"
+                                         r"\).*save_pretrained"):
+        load_model(pickled, "cpu")
+
+
+def test_the_gguf_cache_manifest_refuses_planted_edited_and_foreign_directories(tmp_path):
+    from icbs.llm.load import MANIFEST, verify_manifest, write_manifest
+
+    def converted(name):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "config.json").write_text("{}")
+        (directory / "model.safetensors").write_bytes(b"weights")
+        write_manifest(directory, "ab" * 32)
+        return directory
+
+    verify_manifest(converted("good"), "ab" * 32)  # an untouched conversion passes
+    with pytest.raises(ValueError, match="not converted from this file"):
+        verify_manifest(converted("other_source"), "cd" * 32)
+    planted = converted("planted")
+    (planted / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="not those of its manifest"):
+        verify_manifest(planted, "ab" * 32)
+    edited = converted("edited")
+    (edited / "model.safetensors").write_bytes(b"other weights")
+    with pytest.raises(ValueError, match=r"\['model.safetensors'\] changed"):
+        verify_manifest(edited, "ab" * 32)
+    bare = converted("bare")
+    (bare / MANIFEST).unlink()
+    with pytest.raises(ValueError, match="manifest cannot be read.*delete the directory"):
+        verify_manifest(bare, "ab" * 32)

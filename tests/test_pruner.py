@@ -108,6 +108,62 @@ def test_ctrl_c_stops_after_the_step_and_leaves_a_valid_checkpoint(tmp_path):
         assert torch.equal(a.mask, b.mask)
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch ran_code",))
+
+
+def _bad_checkpoints(tmp_path, good):
+    """(name, path) of files a resume must refuse: a pickle that would run code, a foreign
+    safetensors file, a truncated checkpoint, one without its state, a directory."""
+    import pickle
+
+    from safetensors.torch import save_file
+
+    bad = {}
+    bad["pickle"] = tmp_path / "pickle.ckpt"
+    with open(bad["pickle"], "wb") as handle:
+        pickle.dump({"settings": _RunsCode()}, handle)
+    bad["foreign"] = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2)}, bad["foreign"])
+    bad["truncated"] = tmp_path / "truncated.ckpt"
+    bad["truncated"].write_bytes(good.read_bytes()[:-40])
+    bad["directory"] = tmp_path / "a_directory"
+    bad["directory"].mkdir()
+    return bad
+
+
+@pytest.mark.parametrize("case", ["pickle", "foreign", "truncated", "directory"])
+def test_resume_refuses_anything_but_an_icbs_checkpoint_and_leaves_the_model(
+        tmp_path, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)
+    good = tmp_path / "good.ckpt"
+    Pruner(make_model(), make_data(), Settings(sparsity=0.6, block_size=12)).run(
+        Budget(steps=3), checkpoint=good, progress=False)
+    path = _bad_checkpoints(tmp_path, good)[case]
+    pruner = Pruner(make_model(), make_data(), Settings(sparsity=0.6, block_size=12))
+    before = [layer.mask.clone() for layer in pruner.layers]
+    with pytest.raises(ValueError, match="not an icbs checkpoint|is not a file"):
+        pruner.load_checkpoint(path)
+    assert not (tmp_path / "ran_code").exists()
+    assert all(torch.equal(a, layer.mask) for a, layer in zip(before, pruner.layers,
+                                                                strict=True))
+    assert pruner.trace == []
+
+
+def test_a_checkpoint_is_safetensors_with_json_state(tmp_path):
+    from safetensors import safe_open
+
+    ckpt = tmp_path / "run.ckpt"
+    pruner = Pruner(make_model(), make_data(), Settings(sparsity=0.6, block_size=12))
+    pruner.run(Budget(steps=3), checkpoint=ckpt, progress=False)
+    with safe_open(ckpt, "pt") as handle:
+        assert {f"mask/{layer.name}" for layer in pruner.layers} <= set(handle.keys())
+        state = __import__("json").loads(handle.metadata()["icbs"])
+    assert state["layers"] == [layer.name for layer in pruner.layers]
+    assert len(state["trace"]) == 3
+
+
 def test_budget_in_passes_and_report_json(tmp_path):
     model = make_model()
     report = icbs.prune(model, make_data(), sparsity=0.5, budget=Budget(passes=1),
