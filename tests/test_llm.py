@@ -409,3 +409,80 @@ def test_the_gguf_cache_manifest_refuses_planted_edited_and_foreign_directories(
     (bare / MANIFEST).unlink()
     with pytest.raises(ValueError, match="manifest cannot be read.*delete the directory"):
         verify_manifest(bare, "ab" * 32)
+
+
+_KILLING_RUN = """
+import os, signal, sys
+import icbs.llm.run_dir as run_dir
+point, args = sys.argv[1], sys.argv[2:]
+if point.startswith(("layer", "ctrl-c")):  # a signal right after the n-th checkpointed layer
+    save_layer = run_dir.RunDirectory.save_layer
+    sent = signal.SIGINT if point.startswith("ctrl-c") else signal.SIGKILL
+    def killing_save_layer(self, *a):
+        save_layer(self, *a)
+        if len(self.records) == int(point.lstrip("ctrl-clayer")):
+            os.kill(os.getpid(), sent)
+    run_dir.RunDirectory.save_layer = killing_save_layer
+else:  # SIGKILL once the results are written, before the work directory takes --out's place
+    finish = run_dir.RunDirectory.finish
+    def killing_finish(self, write):
+        def killing_write(directory):
+            write(directory)
+            os.kill(os.getpid(), signal.SIGKILL)
+        finish(self, killing_write)
+    run_dir.RunDirectory.finish = killing_finish
+from icbs.cli import main
+main(args)
+"""
+
+
+def _killed(point, args, cwd, returncode=-9):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _KILLING_RUN, point, *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == returncode, done.stderr
+    return done.stderr
+
+
+def _result(out):
+    report = json.loads((out / "report.json").read_text())
+    return (load_file(str(out / "masks.safetensors")), load_file(str(out / "model.safetensors")),
+            report["eval"]["perplexity"], [r["error_after"] for r in report["layers"]])
+
+
+def test_a_run_killed_three_times_and_resumed_equals_an_uninterrupted_one(model_dir, text_file,
+                                                                          tmp_path):
+    def args(out, method="sparsegpt"):
+        return ["prune", "--model", str(model_dir), "--method", method, "--reconstruct",
+                "--calib", str(text_file), "--nsamples", "6", "--seqlen", "32",
+                "--eval-text", str(text_file), "--max-tokens", "256", "--threads", "1",
+                "--out", str(out)]
+
+    main(args(tmp_path / "full"))
+    out = tmp_path / "killed"
+    _killed("layer3", args(out), tmp_path)  # inside decoder block 0 (7 layers per block)
+    assert not out.exists() and (tmp_path / ".killed.partial" / "resume").is_dir()
+    _killed("layer7", args(out) + ["--resume"], tmp_path)  # at the end of block 0
+    stderr = _killed("ctrl-c10", args(out) + ["--resume"], tmp_path, returncode=130)
+    assert "stopping after the current layer" in stderr and "10 layers are checkpointed" in stderr
+    _killed("finish", args(out) + ["--resume"], tmp_path)  # results written, not yet renamed
+    assert not out.exists()
+    main(args(out) + ["--resume"])
+    assert not (tmp_path / ".killed.partial").exists()
+    full, resumed = _result(tmp_path / "full"), _result(out)
+    assert full[0].keys() == resumed[0].keys() and full[1].keys() == resumed[1].keys()
+    assert all(torch.equal(full[0][k], resumed[0][k]) for k in full[0])
+    assert all(torch.equal(full[1][k], resumed[1][k]) for k in full[1])
+    assert full[2] == resumed[2] and full[3] == resumed[3]
+    assert json.loads((out / "report.json").read_text())["resumed_layers"] == 14
+
+    # A killed run into an existing --out leaves it as it was; --resume with other settings
+    # is refused before anything is loaded.
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    _killed("layer3", args(out, method="wanda"), tmp_path)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    with pytest.raises(SystemExit) as exit_info:
+        main(args(out) + ["--resume"])
+    assert exit_info.value.code == 2

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -73,7 +76,11 @@ def add_commands(subparsers) -> None:
     prune.add_argument("--eval-text", nargs="+", default=[], metavar="FILE",
                        help="also report perplexity on these text files")
     prune.add_argument("--max-tokens", type=int, default=None, help="cap on evaluated tokens")
-    prune.add_argument("--out", required=True, help="output directory")
+    prune.add_argument("--out", required=True,
+                       help="output directory (written as .OUT.partial beside it, renamed at "
+                            "the end; every pruned layer is checkpointed there)")
+    prune.add_argument("--resume", action="store_true",
+                       help="continue the killed or stopped run of the same command into --out")
     prune.set_defaults(func=run_prune)
 
     evaluate = subparsers.add_parser("eval", help="perplexity of a causal LM on text files")
@@ -124,14 +131,40 @@ def run_prune(args) -> None:
         read_text(args.calib)  # missing files fail before the model is loaded
     if args.eval_text:
         read_text(args.eval_text)
-    out = Path(args.out)
-    from .prune import prune_model
+    from .prune import Interrupted, LayerPruner, prune_model
+    from .run_dir import RunDirectory
 
+    identity = {"settings": dataclasses.asdict(settings), "model": str(args.model),
+                "calib": [str(p) for p in args.calib]}
+    run = RunDirectory(args.out, identity, args.resume)
+    restored = run.restored()
     tic = time.perf_counter()
     model, tokenizer = load_model(args.model, args.device, args.cache_dir)
     load_seconds = time.perf_counter() - tic
-    report = prune_model(model, tokenizer, settings, args.calib)
+    made = []
+
+    def layer_pruner(settings, total_weights):
+        made.append(LayerPruner(settings, total_weights, restored=restored,
+                                on_layer=run.save_layer))
+        return made[0]
+
+    def stop(signum, frame):
+        for pruner in made:
+            pruner.stop_requested = True
+        print("\nstopping after the current layer (Ctrl-C again to abort)", file=sys.stderr)
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        report = prune_model(model, tokenizer, settings, args.calib, layer_pruner=layer_pruner)
+    except Interrupted:
+        print(f"stopped: {len(run.records)} layers are checkpointed in {run.work}; the same "
+              f"command with --resume continues", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
     report["seconds"]["load"] = load_seconds
+    report["resumed_layers"] = len(restored)
     masks = report.pop("masks")
     report.update(model=str(args.model), device=str(next(model.parameters()).device),
                   threads=torch.get_num_threads())
@@ -139,16 +172,19 @@ def run_prune(args) -> None:
         report["eval"] = text_perplexity(model, tokenizer, args.eval_text, args.seqlen,
                                          args.max_tokens, args.batch_size or 1, bos=args.bos)
         print(f"perplexity {report['eval']['perplexity']:.4f}")
-    tic = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    save_file({name: mask.contiguous() for name, mask in masks.items()},
-              str(out / "masks.safetensors"))
-    report["seconds"]["save"] = time.perf_counter() - tic
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+
+    def write(directory: Path) -> None:
+        tic = time.perf_counter()
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        save_file({name: mask.contiguous() for name, mask in masks.items()},
+                  str(directory / "masks.safetensors"))
+        report["seconds"]["save"] = time.perf_counter() - tic
+        (directory / "report.json").write_text(json.dumps(report, indent=2))
+
+    run.finish(write)
     print(f"pruned {len(report['layers'])} layers to sparsity {report['sparsity']:.4f} in "
-          f"{report['seconds']['prune']:.1f} s; saved to {out}")
+          f"{report['seconds']['prune']:.1f} s; saved to {run.out}")
 
 
 def run_eval(args) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,14 +79,27 @@ class LLMPruneSettings:
         return self.method != "magnitude" or self.reconstruct
 
 
-class LayerPruner:
-    """The per-layer callback of `prune_sequential` for one method; keeps the masks."""
+class Interrupted(Exception):
+    """Raised after the layer during which a stop was requested (Ctrl-C) was finished."""
 
-    def __init__(self, settings: LLMPruneSettings, total_weights: int):
+
+class LayerPruner:
+    """The per-layer callback of `prune_sequential` for one method; keeps the masks.
+
+    Layers in `restored` (name -> (weight, mask, record), from a checkpoint) are set to their
+    saved result instead of being pruned again; `on_layer(name, weight, mask, record)` is
+    called after each newly pruned layer (to checkpoint it). Setting `stop_requested` makes
+    the next layer boundary raise `Interrupted`."""
+
+    def __init__(self, settings: LLMPruneSettings, total_weights: int,
+                 restored: dict | None = None, on_layer: Callable | None = None):
         self.settings = settings
         self.pattern = parse_pattern(settings.pattern)
         self.total_weights = total_weights
         self.masks: dict[str, torch.Tensor] = {}
+        self.restored = restored or {}
+        self.on_layer = on_layer
+        self.stop_requested = False
 
     def _start(self, w0: torch.Tensor, cov: InputCovariance | None):
         s = self.settings
@@ -104,6 +117,19 @@ class LayerPruner:
 
     @torch.no_grad()
     def __call__(self, name: str, module: nn.Linear, cov: InputCovariance | None) -> dict:
+        if self.stop_requested:
+            raise Interrupted(name)
+        if name in self.restored:
+            weight, mask, record = self.restored[name]
+            module.weight.copy_(weight.to(module.weight.device, module.weight.dtype))
+            self.masks[name] = mask
+            return record
+        record = self._prune(name, module, cov)
+        if self.on_layer is not None:
+            self.on_layer(name, module.weight, self.masks[name], record)
+        return record
+
+    def _prune(self, name: str, module: nn.Linear, cov: InputCovariance | None) -> dict:
         s = self.settings
         w0 = module.weight.detach().float()
         tic = time.perf_counter()
@@ -152,9 +178,13 @@ def prunable_layers(model: nn.Module, settings: LLMPruneSettings) -> dict[str, n
 
 
 def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
-                calib_paths: Sequence[str] = (), progress: bool = True) -> dict:
+                calib_paths: Sequence[str] = (), progress: bool = True,
+                layer_pruner: Callable[[LLMPruneSettings, int], LayerPruner] = LayerPruner
+                ) -> dict:
     """Prune `model` in place; returns the report (settings, per-layer records, times) with
-    the masks under the key "masks" (name -> bool tensor)."""
+    the masks under the key "masks" (name -> bool tensor). `layer_pruner(settings,
+    total_weights)` makes the per-layer callback (a resumed run passes one that restores
+    checkpointed layers and checkpoints new ones)."""
     settings = settings.validated()
     pattern = parse_pattern(settings.pattern)
     layers = prunable_layers(model, settings)
@@ -173,11 +203,11 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
         windows = calibration_windows(tokens, settings.nsamples, settings.seqlen, settings.seed,
                                       bos_id)
     times["data"] = time.perf_counter() - tic
-    pruner = LayerPruner(settings, sum(layer.weight.numel() for layer in layers.values()))
+    pruner = layer_pruner(settings, sum(layer.weight.numel() for layer in layers.values()))
     tic = time.perf_counter()
     records = prune_sequential(model, windows, pruner, include=settings.include,
                                exclude=settings.exclude, batch_size=settings.batch_size,
-                               progress=progress)
+                               progress=progress, restored=pruner.restored.keys())
     times["prune"] = time.perf_counter() - tic
     for key in ("seconds_start", "seconds_icbs", "seconds_steps", "seconds_reconstruct"):
         times[key.replace("seconds_", "layers_")] = sum(r.get(key, 0.0) for r in records)

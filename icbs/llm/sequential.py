@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -148,12 +148,15 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Linear],
 @torch.no_grad()
 def prune_sequential(model: nn.Module, windows: torch.Tensor | None, prune_layer: LayerCallback,
                      *, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
-                     batch_size: int = 8, progress: bool = True) -> list[dict]:
+                     batch_size: int = 8, progress: bool = True,
+                     restored: Container[str] = ()) -> list[dict]:
     """Prune the linear layers of every decoder block, block by block.
 
     `prune_layer(name, module, statistics)` rewrites `module.weight` and returns a record for
     the report. With `windows=None` no calibration pass is made and statistics are None.
-    Returns the records in order, each with the layer's name added.
+    Layers in `restored` get no statistics (the callback sets their saved result), and a
+    block made only of them is just run forward. Returns the records in order, each with the
+    layer's name added.
     """
     prefix, blocks = decoder_blocks(model)
     inputs = None if windows is None else capture_block_inputs(model, blocks[0], windows,
@@ -161,7 +164,8 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor | None, prune_layer
     records = []
     for index, block in enumerate(blocks):
         layers = select_linears(block, f"{prefix}.{index}", include, exclude)
-        stats = collect_statistics(block, layers, inputs) if inputs and layers else {}
+        fresh = [name for name in layers if name not in restored]
+        stats = collect_statistics(block, layers, inputs) if inputs and fresh else {}
         for name, module in tqdm(layers.items(), desc=f"block {index + 1}/{len(blocks)}",
                                  disable=not progress, leave=False):
             records.append({"name": name, **prune_layer(name, module, stats.get(name))})
