@@ -10,7 +10,7 @@ from torch import nn
 
 from icbs.budget import Budget
 from icbs.calibration import LossFn
-from icbs.pruner import Pruner
+from icbs.pruner import Pruner, check_checkpoint_path
 from icbs.report import Report
 from icbs.settings import Settings
 from icbs.solver_choice import solver_label
@@ -45,6 +45,7 @@ def prune(
     elif not isinstance(budget, Budget):
         budget = Budget(seconds=float(budget))
     config = Settings(sparsity=sparsity, solver=solver_label(solver), **settings)
+    check_checkpoint_path(checkpoint)
     pruner = Pruner(model, calibration, config, loss_fn=loss_fn, solver=solver)
     try:
         if checkpoint is not None and resume and Path(checkpoint).exists():

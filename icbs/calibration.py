@@ -31,6 +31,31 @@ def load_batches(calibration: Iterable, device: torch.device) -> list[tuple[torc
     return batches
 
 
+def check_forward(model: nn.Module, layers: list[PrunableLayer], batches: list,
+                  loss_fn: LossFn) -> None:
+    """Run the dense model on the first calibration batch: it must run, give a finite loss
+    and reach every prunable layer (a layer never used gets no statistics or gradient)."""
+    reached: set[str] = set()
+    handles = [layer.module.register_forward_hook(
+        lambda module, args, out, name=layer.name: reached.add(name)) for layer in layers]
+    inputs, targets = batches[0]
+    try:
+        with torch.no_grad():
+            loss = loss_fn(model(inputs), targets)
+    except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+        raise ValueError(f"the model cannot be run on calibration batch 0 (inputs "
+                         f"{tuple(inputs.shape)}, targets {tuple(targets.shape)}): {exc}") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [layer.name for layer in layers if layer.name not in reached]
+    if missing:
+        raise ValueError(f"layers never used in the model's forward pass: {missing}; exclude "
+                         f"them (exclude=[...])")
+    if not torch.isfinite(torch.as_tensor(loss)).all():
+        raise ValueError(f"the dense model's loss on calibration batch 0 is {float(loss)}")
+
+
 def input_statistics(
     model: nn.Module, layers: list[PrunableLayer], batches: list
 ) -> dict[str, InputCovariance]:

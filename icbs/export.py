@@ -186,16 +186,18 @@ def export_digits(out: str | Path, *, block_sizes: list[int], steps: int, sparsi
     from icbs.digits import load_data, trained_model
     from icbs.pruner import Pruner
     from icbs.settings import Settings
-    from icbs.solver_choice import solver_label
+    from icbs.solver_choice import resolve_solver, solver_label
 
+    # every block size's settings are checked before an existing index is replaced
+    all_settings = [Settings(sparsity=sparsity, pattern=pattern, objective=objective,
+                             block_size=size, seed=seed, solver=solver_label(solver))
+                    for size in block_sizes]
+    resolve_solver(solver)
     data = load_data()
     dense = trained_model(data=data)
     rows: list[dict[str, Any]] = []
     with IndexWriter(out, ubqp=ubqp) as writer:
-        for size in block_sizes:
-            settings = Settings(sparsity=sparsity, pattern=pattern, objective=objective,
-                                block_size=size, seed=seed,
-                                solver=solver_label(solver))
+        for settings in all_settings:
             model = copy.deepcopy(dense)
             pruner = Pruner(model, [(data.x_train, data.y_train)], settings, solver=solver)
             tag = f"digits_b{pruner.block_size}"
@@ -232,9 +234,13 @@ def add_export_command(subparsers: Any) -> None:
 def _export(args: argparse.Namespace) -> None:
     import torch
 
-    torch.set_num_threads(args.threads)
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is an existing file; give a directory")
+    torch.set_num_threads(args.threads)
     rows = export_digits(args.out, block_sizes=args.block_size, steps=args.steps,
                          sparsity=args.sparsity, pattern=args.pattern,
                          objective=args.objective, solver=args.solver, seed=args.seed,

@@ -76,6 +76,16 @@ def pruned_per_group(shape: tuple[int, int], pattern: Pattern, sparsity: float) 
     return pattern.m - pattern.n
 
 
+def check_counts(shape: tuple[int, int], pattern: Pattern, sparsity: float,
+                 name: str = "layer") -> None:
+    """Raise if the sparsity rounds to pruning every weight of the pattern's groups."""
+    size = shape[0] * shape[1] if pattern.kind == "unstructured" else \
+        shape[1] if pattern.kind == "per_output" else pattern.m
+    if pruned_per_group(shape, pattern, sparsity) >= size:
+        raise ValueError(f"{name}: sparsity {sparsity} with pattern {pattern} prunes all {size} "
+                         f"weights of every group (whole rows); use a lower sparsity")
+
+
 def check_sparsity(sparsity: float) -> float:
     if not isinstance(sparsity, (int, float)) or not 0.0 < float(sparsity) < 1.0:
         raise ValueError(f"sparsity must be a fraction strictly between 0 and 1, got {sparsity!r}")

@@ -23,10 +23,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from icbs.budget import Budget
-from icbs.calibration import LossFn, input_statistics, load_batches, mean_loss, per_sample_signals
+from icbs.calibration import (
+    LossFn,
+    check_forward,
+    input_statistics,
+    load_batches,
+    mean_loss,
+    per_sample_signals,
+)
 from icbs.estimators import ExactEstimator, FisherEstimator, LayerwiseEstimator
 from icbs.layers import find_prunable
-from icbs.masks import group_ids, mask_from_scores, mask_matches_pattern, parse_pattern
+from icbs.masks import (
+    check_counts,
+    group_ids,
+    mask_from_scores,
+    mask_matches_pattern,
+    parse_pattern,
+)
 from icbs.report import Report, StepRecord, write_atomic
 from icbs.scores import weight_scores
 from icbs.selection import BlockSelector
@@ -61,10 +74,24 @@ class Pruner:
         if self.solver.max_variables is not None:
             self.block_size = min(self.block_size, self.solver.max_variables)
         self.layers = find_prunable(model, settings.include, settings.exclude, self.pattern)
+        for layer in self.layers:
+            check_counts(layer.shape, self.pattern, settings.sparsity, layer.name)
         device = self.layers[0].w0.device
         self.batches = load_batches(calibration, device)
         self.was_training = model.training
         model.eval()
+        try:
+            check_forward(model, self.layers, self.batches, self.loss_fn)
+            self._start(model, settings)
+        except BaseException:  # nothing half-applied: the model is handed back dense
+            for layer in self.layers:
+                layer.restore_dense()
+            model.train(self.was_training)
+            raise
+
+    def _start(self, model: nn.Module, settings: Settings) -> None:
+        """The initial masks, the block selector, the estimator and the solver's warm-up."""
+        device = self.layers[0].w0.device
 
         start = time.perf_counter()
         kinds = {settings.init, settings.selection_score}
@@ -174,6 +201,7 @@ class Pruner:
     ) -> Report:
         """Take steps until the budget is spent (counted from the first step, across resumes)
         or Ctrl-C; a Ctrl-C stops after the current step and leaves a valid checkpoint."""
+        check_checkpoint_path(checkpoint)
         max_steps = budget.max_steps(self.prunable_weights, self.block_size)
         show = sys.stderr.isatty() if progress is None else progress
         bar = _progress_bar(max_steps, budget.seconds, show)
@@ -294,6 +322,17 @@ class Pruner:
 
 
 CHECKPOINT_FORMAT = "icbs-checkpoint-1"
+
+
+def check_checkpoint_path(path: str | Path | None) -> None:
+    """Raise unless `path` (when given) can be written as a checkpoint file."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a directory; give a file path")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"checkpoint {path}: {path.parent} is not a directory")
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

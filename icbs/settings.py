@@ -84,6 +84,8 @@ class Settings:
         for name in ("fix_frac_prune", "fix_frac_keep"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.tabu_steps < 0 or self.checkpoint_every < 1:
             raise ValueError("tabu_steps must be >= 0 and checkpoint_every >= 1")
         object.__setattr__(self, "include", tuple(self.include))

@@ -39,9 +39,14 @@ def _check_matrix(Q: np.ndarray, copy: bool, symmetric: bool = False) -> np.ndar
             Q = Q.copy()  # never modify the caller's array
         for r0 in range(0, n, _CHUNK_ROWS):
             r1 = min(n, r0 + _CHUNK_ROWS)
-            block = 0.5 * (Q[r0:r1, r0:] + Q[r0:, r0:r1].T)
+            block = 0.5 * Q[r0:r1, r0:] + 0.5 * Q[r0:, r0:r1].T  # no overflow near the limit
             Q[r0:r1, r0:] = block
             Q[r0:, r0:r1] = block.T
+    with np.errstate(over="ignore"):
+        bound = float(np.abs(Q).sum())  # >= |x^T Q x| for every x in {0, 1}^n
+    if not np.isfinite(bound):
+        raise ValueError("Q is too large: sum |Q_ij| overflows float64, so energies would "
+                         "too; scale Q down")
     return Q
 
 

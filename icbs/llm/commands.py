@@ -45,7 +45,8 @@ def add_commands(subparsers) -> None:
     prune = subparsers.add_parser("prune", help="prune a causal LM one decoder block at a time")
     _common(prune)
     prune.add_argument("--method", choices=METHODS, default="icbs")
-    prune.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned (default 0.5)")
+    prune.add_argument("--sparsity", type=float, default=None,
+                       help="fraction pruned (default 0.5; an N:M pattern's own 1 - N/M)")
     prune.add_argument("--pattern", default="per_output", help=PATTERN_HELP)
     prune.add_argument("--calib", nargs="+", default=[], metavar="FILE",
                        help="plain-text calibration files")
@@ -91,6 +92,18 @@ def add_commands(subparsers) -> None:
 
 
 def _setup(args) -> None:
+    """Check the flags every command shares (before anything is loaded or written)."""
+    from .load import choose_device
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.seqlen < 2:
+        raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
+    if getattr(args, "max_tokens", None) is not None and args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    choose_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -126,7 +139,8 @@ def run_prune(args) -> None:
         percdamp=args.percdamp, mask_damp=args.mask_damp, block_size=args.block_size,
         solver=args.solver,
         include=tuple(args.include), exclude=tuple(args.exclude),
-        batch_size=args.batch_size or 8, bos=args.bos, objective=args.objective).validated()
+        batch_size=8 if args.batch_size is None else args.batch_size, bos=args.bos,
+        objective=args.objective).validated()
     if settings.needs_calibration:
         read_text(args.calib)  # missing files fail before the model is loaded
     if args.eval_text:

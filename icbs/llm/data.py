@@ -19,8 +19,15 @@ def read_text(paths: Sequence[str | Path]) -> str:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"text file not found: {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                             f"give plain-text files") from None
+        if "\x00" in text:
+            raise ValueError(f"{path} is not plain text (it holds NUL bytes)")
         lines: list[str] = []
-        for line in path.read_text(encoding="utf-8").splitlines() + [""]:
+        for line in text.splitlines() + [""]:
             if line.strip():
                 lines.append(line.strip())
             elif lines:

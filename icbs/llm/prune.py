@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,12 +14,16 @@ from torch import nn
 from ..baselines import alps_prune, magnitude_mask, sparsegpt_prune, wanda_mask
 from ..layer_stats import InputCovariance
 from ..layerwise import OBJECTIVES
-from ..masks import check_shape, check_sparsity, mask_matches_pattern, parse_pattern
+from ..masks import (
+    check_counts,
+    check_shape,
+    check_sparsity,
+    mask_matches_pattern,
+    parse_pattern,
+)
 from ..reconstruct import reconstruct_rows, reconstruction_error
 from .data import BOS_CHOICES, calibration_windows, read_text, resolve_bos, tokenize
 from .sequential import decoder_blocks, prune_sequential, select_linears
-
-logger = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "alps", "icbs")
 INITS = ("wanda", "sparsegpt", "alps")
@@ -30,7 +34,7 @@ class LLMPruneSettings:
     """What to prune and how; names follow Wanda / SparseGPT / llm-compressor."""
 
     method: str = "icbs"
-    sparsity: float = 0.5
+    sparsity: float | None = None  # None: 1 - N/M for an N:M pattern, else 0.5
     pattern: str = "per_output"
     nsamples: int = 128
     seqlen: int = 512
@@ -61,16 +65,22 @@ class LLMPruneSettings:
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; expected one of {INITS}")
         pattern = parse_pattern(self.pattern)
-        sparsity = check_sparsity(self.sparsity)
-        if pattern.kind == "nm" and abs(sparsity - (1 - pattern.n / pattern.m)) > 1e-9:
-            logger.info("pattern %s fixes the sparsity at %.3f", pattern, 1 - pattern.n / pattern.m)
-            sparsity = 1 - pattern.n / pattern.m
-        for name, value in (("nsamples", self.nsamples), ("seqlen", self.seqlen),
-                            ("batch_size", self.batch_size), ("blocksize", self.blocksize)):
-            if value < 1:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if self.budget < 0 or self.percdamp < 0 or self.mask_damp < 0:
-            raise ValueError("budget, percdamp and mask_damp must not be negative")
+        fixed = 1 - pattern.n / pattern.m if pattern.kind == "nm" else None
+        sparsity = check_sparsity((fixed or 0.5) if self.sparsity is None else self.sparsity)
+        if fixed is not None and abs(sparsity - fixed) > 1e-9:
+            raise ValueError(f"pattern {pattern} prunes {fixed:g} of the weights, not the "
+                             f"sparsity {sparsity:g} given; leave the sparsity out or give "
+                             f"{fixed:g}")
+        least = {"nsamples": 1, "seqlen": 1, "batch_size": 1, "blocksize": 1, "block_size": 2,
+                 "seed": 0}
+        for name, minimum in least.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        for name in ("budget", "percdamp", "mask_damp"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         return dataclasses.replace(self, pattern=str(pattern), sparsity=sparsity,
                                    include=tuple(self.include), exclude=tuple(self.exclude))
 
@@ -192,6 +202,9 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
         raise ValueError("no linear layer matches the include/exclude patterns")
     for name, layer in layers.items():
         check_shape(tuple(layer.weight.shape), pattern, name)
+        check_counts(tuple(layer.weight.shape), pattern, settings.sparsity, name)
+        if not bool(torch.isfinite(layer.weight).all()):
+            raise ValueError(f"{name}: the weights have NaN or Inf entries")
     if settings.method == "icbs":
         from ..layerwise import improve_layer  # noqa: F401  (fail before any weight is touched)
     times = {}

@@ -29,7 +29,9 @@ PROGRESS = "progress.json"
 
 
 class RunDirectory:
-    """`identity` (settings, model, data) must match for a resume to use the checkpoint."""
+    """`identity` (settings, model, data) must match for a resume to use the checkpoint.
+    Creating one only checks and reads; the first checkpointed layer makes the first write,
+    so a run refused by a check before any layer is pruned leaves nothing behind."""
 
     def __init__(self, out: str | Path, identity: dict, resume: bool):
         self.out = Path(out)
@@ -41,24 +43,35 @@ class RunDirectory:
         self.records: list[dict] = []
         self.files: list[str] = []
         progress = self.resume_dir / PROGRESS
-        if resume and progress.is_file():
-            state = json.loads(progress.read_text())
+        self.resuming = resume and progress.is_file()
+        self.started = False
+        if self.resuming:
+            try:
+                state = json.loads(progress.read_text())
+                self.records, self.files = list(state["records"]), list(state["files"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"--resume: {progress} cannot be read ({exc}); run without "
+                                 f"--resume to start again") from None
             if state.get("identity") != self.identity:
                 raise ValueError(
                     f"--resume: {self.work} was started with other settings, model or data "
                     f"({state.get('identity')}); run without --resume to start again")
-            self.records, self.files = state["records"], state["files"]
+        elif resume:
+            logger.warning("--resume: no checkpoint in %s; starting from the beginning",
+                           self.work)
+
+    def _start(self) -> None:
+        """Create the work directory (the run's first write), unless resuming into it."""
+        self.started = True
+        if self.resuming:
             logger.warning("resuming %s after %d pruned layers", self.out, len(self.records))
-        else:
-            if resume:
-                logger.warning("--resume: no checkpoint in %s; starting from the beginning",
-                               self.work)
-            elif self.work.exists():
-                logger.warning("discarding the unfinished run in %s (--resume continues one)",
-                               self.work)
-            shutil.rmtree(self.work, ignore_errors=True)
-            self.resume_dir.mkdir(parents=True)
-            self._commit()
+            return
+        if self.work.exists():
+            logger.warning("discarding the unfinished run in %s (--resume continues one)",
+                           self.work)
+            shutil.rmtree(self.work)
+        self.resume_dir.mkdir(parents=True)
+        self._commit()
 
     def restored(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, dict]]:
         """name -> (weight, mask, record) of every layer the checkpoint holds."""
@@ -76,6 +89,8 @@ class RunDirectory:
         """Checkpoint one pruned layer (its file first, then the progress that lists it)."""
         from safetensors.torch import save
 
+        if not self.started:
+            self._start()
         file = f"layer-{len(self.files):04d}.safetensors"
         write_atomic(self.resume_dir / file, save({"weight": weight.detach().cpu().contiguous(),
                                                    "mask": mask.cpu().contiguous()}))
@@ -91,6 +106,8 @@ class RunDirectory:
     def finish(self, write: Callable[[Path], None]) -> None:
         """`write(directory)` puts the results into the work directory, which then replaces
         OUT (an old OUT is moved aside first and removed last)."""
+        if not self.started:
+            self._start()
         write(self.work)
         shutil.rmtree(self.resume_dir)
         old = self.out.with_name(f".{self.out.name}.old")
