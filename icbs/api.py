@@ -26,7 +26,7 @@ def prune(
     solver: Any = "anneal",
     checkpoint: str | Path | None = None,
     resume: bool = True,
-    progress: bool | None = None,
+    progress: bool = False,
     **settings: Any,
 ) -> Report:
     """Prune `model` in place with iCBS and return the run's report.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 
 def add_demo_command(subparsers) -> None:
@@ -35,7 +36,8 @@ def _demo(args) -> None:
 
     torch.set_num_threads(args.threads)
     results = run_demo(args.sparsity, args.budget, seed=args.seed, block_size=args.block_size,
-                       pattern=args.pattern, out=args.out, solver=args.solver)
+                       pattern=args.pattern, out=args.out, solver=args.solver,
+                       progress=sys.stderr.isatty())
     print(format_table(results))
     print(f"wrote {args.out}/report.json and {args.out}/accuracy.png")
 

@@ -39,7 +39,7 @@ def one_shot(dense: torch.nn.Module, data: DigitsData, settings: Settings) -> Me
 
 
 def run_icbs(dense: torch.nn.Module, data: DigitsData, settings: Settings, budget: Budget,
-             progress: bool | None = None, solver: Any = None,
+             progress: bool = False, solver: Any = None,
              cpu_seconds: float | None = None) -> tuple[MethodResult, dict]:
     """iCBS from the settings' initial mask, stopping at `budget` or after `cpu_seconds` of
     CPU time. Test accuracy and loss are recorded after every step for the quality-time
@@ -77,7 +77,7 @@ def run_demo(
     block_size: int = 256,
     pattern: str = "unstructured",
     out: str | Path = "icbs-demo",
-    progress: bool | None = None,
+    progress: bool = False,
     solver: Any = "anneal",
 ) -> list[MethodResult]:
     """Run the demo, write `report.json` and `accuracy.png` under `out`, return the results."""

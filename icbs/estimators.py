@@ -24,8 +24,6 @@ from icbs.layers import PrunableLayer
 class LayerwiseEstimator:
     """Reconstruction error of each layer on its calibration inputs (exact, gamma = 1)."""
 
-    exact_model = True
-
     def __init__(self, hessians: dict[str, torch.Tensor]):
         # per layer: the objective's Hessian 2 X X^T / tokens, once, in float64 and exactly
         # symmetric, so that a whole-row block uses it as it is
@@ -64,7 +62,6 @@ class FisherEstimator:
     reused until the model changes; a block step then costs samples x positions x block size.
     """
 
-    exact_model = False
 
     def __init__(self, model: nn.Module, layers: list[PrunableLayer], batches: list,
                  loss_fn: LossFn):
@@ -100,10 +97,7 @@ class FisherEstimator:
 class ExactEstimator:
     """Autograd gradient and Hessian of the calibration loss in the block's weights."""
 
-    exact_model = False
-
-    def __init__(self, model: nn.Module, layers: list[PrunableLayer], batches: list,
-                 loss_fn: LossFn):
+    def __init__(self, model: nn.Module, batches: list, loss_fn: LossFn):
         self.model, self.batches, self.loss_fn = model, batches, loss_fn
         self._loss: float | None = None
 

@@ -24,6 +24,7 @@ import argparse
 import copy
 import csv
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,7 @@ class IndexWriter:
 
 
 def export_run(pruner: Any, steps: int, writer: IndexWriter, tag: str,
-               progress: bool | None = None) -> list[dict[str, Any]]:
+               progress: bool = False) -> list[dict[str, Any]]:
     """Run `pruner` (an `icbs.Pruner`) for `steps` more steps and write every block problem
     its solver is handed, paired with the step's record (layer, block, delta, accepted)."""
     from icbs.budget import Budget
@@ -180,7 +181,7 @@ def load_exported(out: str | Path) -> Iterator[ExportedBlock]:
 def export_digits(out: str | Path, *, block_sizes: list[int], steps: int, sparsity: float = 0.9,
                   pattern: str = "unstructured", objective: str = "fisher",
                   solver: Any = "anneal", seed: int = 0, ubqp: bool = True,
-                  progress: bool | None = None) -> list[dict[str, Any]]:
+                  progress: bool = False) -> list[dict[str, Any]]:
     """Prune the bundled digits MLP from its magnitude mask, `steps` iCBS steps per block
     size (each from a fresh copy), and export every block problem under `out`."""
     from icbs.digits import load_data, trained_model
@@ -244,5 +245,5 @@ def _export(args: argparse.Namespace) -> None:
     rows = export_digits(args.out, block_sizes=args.block_size, steps=args.steps,
                          sparsity=args.sparsity, pattern=args.pattern,
                          objective=args.objective, solver=args.solver, seed=args.seed,
-                         ubqp=not args.no_ubqp)
+                         ubqp=not args.no_ubqp, progress=sys.stderr.isatty())
     print(f"wrote {len(rows)} block problems and index.csv to {args.out}")

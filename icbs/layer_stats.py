@@ -6,7 +6,8 @@ import torch
 
 
 class InputCovariance:
-    """Running mean of x x^T over the input vectors of one layer (float32 or better).
+    """The sum of x x^T over the input vectors of one layer and their count (float32 or
+    better); `hessian` divides the two.
 
     `hessian` is H = X X^T / tokens, the Hessian (up to the factor 2) of the layer's mean
     reconstruction error |W0 X - W X|^2 / tokens; its diagonal gives Wanda's ||x_col||^2 / tokens.

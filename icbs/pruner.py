@@ -2,8 +2,11 @@
 
 Each step reads top to bottom: choose a layer and a block of its weights, estimate the
 block's gradient and Hessian, build the block QUBO, solve it warm-started from the current
-mask, and apply the answer only if it lowers the estimated objective. Masks keep their exact
-pruned count per constraint group at every step.
+mask, and apply the answer when the QUBO's model of the change is negative; when the loss is
+verified (`verify`, on by default for the Fisher and exact objectives) the change is also
+undone unless the measured calibration loss went down. The layerwise objective's model is
+exact, so its accepted steps lower the layer error. Masks keep their exact pruned count per
+constraint group at every step.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -119,7 +121,7 @@ class Pruner:
         elif settings.objective == "fisher":
             self.estimator = FisherEstimator(model, self.layers, self.batches, self.loss_fn)
         else:
-            self.estimator = ExactEstimator(model, self.layers, self.batches, self.loss_fn)
+            self.estimator = ExactEstimator(model, self.batches, self.loss_fn)
         self.solver.warm_up()  # compilation is set-up, not budget
         self.rng = np.random.default_rng(settings.seed)
         self.trace: list[StepRecord] = []
@@ -197,14 +199,13 @@ class Pruner:
         *,
         checkpoint: str | Path | None = None,
         callback: Callable[[Pruner, StepRecord], None] | None = None,
-        progress: bool | None = None,
+        progress: bool = False,
     ) -> Report:
         """Take steps until the budget is spent (counted from the first step, across resumes)
         or Ctrl-C; a Ctrl-C stops after the current step and leaves a valid checkpoint."""
         check_checkpoint_path(checkpoint)
         max_steps = budget.max_steps(self.prunable_weights, self.block_size)
-        show = sys.stderr.isatty() if progress is None else progress
-        bar = _progress_bar(max_steps, budget.seconds, show)
+        bar = _progress_bar(max_steps, budget.seconds, progress)
         self._stop = False
         restore_sigint = self._catch_sigint()
         try:

@@ -1,4 +1,4 @@
-"""What a run did: settings, per-step trace, per-layer sparsity, timings, metrics; as JSON."""
+"""What a run did: settings, per-step trace, per-layer sparsity, timings; as JSON."""
 
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ class Report:
     trace: list[StepRecord]
     timings: dict[str, float]
     objective: dict[str, float]
-    metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:

@@ -89,7 +89,7 @@ PRUNE_CASES = [
     ({"--nsamples": "0"}, "nsamples must be an integer >= 1, got 0"),
     ({"--seqlen": "1"}, "--seqlen must be >= 2, got 1"),
     ({"--seed": "-1"}, "seed must be an integer >= 0, got -1"),
-    ({"--blocksize": "0"}, "blocksize must be an integer >= 1, got 0"),
+    ({"--sparsegpt-columns": "0"}, "sparsegpt_columns must be an integer >= 1, got 0"),
     ({"--calib": "missing.txt"}, "text file not found: missing.txt"),
     ({"--calib": "BINARY"}, "weights.bin is not UTF-8 text"),
     ({"--eval-text": "BINARY"}, "weights.bin is not UTF-8 text"),

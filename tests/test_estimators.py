@@ -56,7 +56,7 @@ def test_exact_estimator_matches_finite_differences():
     model, batches, x, y = setup()
     layers = find_prunable(model)
     layer = layers[1]
-    est = ExactEstimator(model, layers, batches, F.cross_entropy)
+    est = ExactEstimator(model, batches, F.cross_entropy)
     idx = torch.tensor([0, 5, 7, 11])
     g, H = est.block(layer, idx)
 

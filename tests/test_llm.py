@@ -221,7 +221,7 @@ def test_prune_model_hits_exact_sparsity(loaded, text_file, method, pattern, spa
                                          reconstruct):
     model, tokenizer = loaded
     settings = LLMPruneSettings(method=method, sparsity=sparsity, pattern=pattern, nsamples=4,
-                                seqlen=32, reconstruct=reconstruct, blocksize=16,
+                                seqlen=32, reconstruct=reconstruct, sparsegpt_columns=16,
                                 exclude=("*.o_proj",))
     report = prune_model(model, tokenizer, settings, [text_file], progress=False)
     layers = dict(model.named_modules())
@@ -258,7 +258,8 @@ def test_bad_input_fails_before_weights_change(loaded, text_file, tmp_path):
 def test_cli_prune_saves_a_model_that_eval_reproduces(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "pruned"
     main(["prune", "--model", str(model_dir), "--method", "sparsegpt", "--pattern", "2:4",
-          "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64", "--blocksize", "32",
+          "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64",
+          "--sparsegpt-columns", "32",
           "--eval-text", str(text_file), "--max-tokens", "512", "--threads", "1",
           "--out", str(out)])
     report = json.loads((out / "report.json").read_text())
@@ -293,7 +294,7 @@ def test_icbs_improves_each_layer_from_its_start(loaded, text_file, init, patter
                                                  objective):
     model, tokenizer = loaded
     settings = LLMPruneSettings(method="icbs", init=init, pattern=pattern, nsamples=4,
-                                seqlen=32, budget=2.8, block_size=32, blocksize=16,
+                                seqlen=32, budget=2.8, block_size=32, sparsegpt_columns=16,
                                 reconstruct=reconstruct, mask_damp=0.0,  # the exact model
                                 objective=objective)
     report = prune_model(model, tokenizer, settings, [text_file], progress=False)
@@ -355,9 +356,23 @@ def test_improve_layer_with_reconstruction_from_sparsegpt_lowers_the_true_error(
     assert result.error_after < 0.95 * start
 
 
-def test_improve_layer_budget_counts_block_steps_not_least_squares():
+def test_improve_layer_budget_counts_block_steps_not_least_squares(monkeypatch):
+    import time
+
+    import icbs.layerwise
     from icbs.baselines import wanda_mask
     from icbs.layerwise import improve_layer
+
+    reconstruct_rows = icbs.layerwise.reconstruct_rows
+
+    calls = []
+
+    def slow_reconstruct(*args, **kwargs):  # every least-squares update takes >= 0.2 s
+        calls.append(1)
+        time.sleep(0.2)
+        return reconstruct_rows(*args, **kwargs)
+
+    monkeypatch.setattr(icbs.layerwise, "reconstruct_rows", slow_reconstruct)
 
     gen = torch.Generator().manual_seed(5)
     w0 = torch.randn(8, 32, generator=gen)
@@ -366,9 +381,10 @@ def test_improve_layer_budget_counts_block_steps_not_least_squares():
     mask = wanda_mask(w0, torch.sqrt(torch.diagonal(H)), 0.5, "per_output")
     result = improve_layer(w0, H, mask, pattern="per_output", sparsity=0.5, seconds=0.3,
                            block_size=32, reconstruct=True, rounds=3)
-    # each round steps until its share of the budget has passed; updates come on top
-    assert result.step_seconds >= 0.3
-    assert result.seconds > result.step_seconds
+    # each round steps until its share of the budget has passed; the updates (after every
+    # round whose steps changed rows, the first always) come on top
+    assert result.step_seconds >= 0.3 and len(calls) >= 1
+    assert result.seconds >= result.step_seconds + 0.2 * len(calls)
 
 
 def test_a_model_directory_with_only_pickle_weights_is_refused(model_dir, tmp_path):

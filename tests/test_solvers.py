@@ -1,6 +1,5 @@
 """Every solver against exhaustive enumeration; kernels against brute force; errors; seeds."""
 
-from itertools import combinations
 
 import dimod
 import numpy as np
@@ -257,6 +256,24 @@ def test_polish_ends_where_no_swap_improves(kernel):
         np.testing.assert_allclose(f, p.Q @ x, atol=1e-9)
 
 
+def _greedy_repair(p, x):
+    """Group by group, flip the variable whose flip gives the lowest energy (by evaluating
+    every candidate) until the count is right."""
+    x = x.copy()
+    for g in range(p.num_groups):
+        members = np.flatnonzero(p.groups == g)
+        while x[members].sum() != p.k[g]:
+            value = 0 if x[members].sum() > p.k[g] else 1
+            candidates = members[x[members] != value]
+            energies = []
+            for i in candidates:
+                y = x.copy()
+                y[i] = value
+                energies.append(p.energy(y))
+            x[candidates[int(np.argmin(energies))]] = value
+    return x
+
+
 def test_repair_fixes_counts_greedily():
     rng = np.random.default_rng(7)
     for _ in range(30):
@@ -266,7 +283,8 @@ def test_repair_fixes_counts_greedily():
         assert p.is_feasible(y)
         assert flips == int(sum(abs(x[p.groups == g].sum() - p.k[g])
                                 for g in range(p.num_groups)))
-        assert np.all((y != x) <= True) and int(np.sum(y != x)) == flips
+        assert int(np.sum(y != x)) == flips
+        assert np.array_equal(y, _greedy_repair(p, x))
     # greedy choice: too many ones -> drop the one whose removal lowers E most
     p = CardinalityQUBO(np.diag([1.0, 5.0, 2.0]), 1)
     assert repair(p, np.array([1, 1, 1]))[0].tolist() == [1, 0, 0]
@@ -341,10 +359,24 @@ def test_neal_counts_infeasible_samples_with_weak_penalty():
 
 
 def test_swap_move_set_connects_feasible_states():
-    # sanity of the move: any two feasible states of a group differ by swaps only
-    p = CardinalityQUBO(np.eye(6), 3)
-    states = [np.isin(np.arange(6), c).astype(np.int8) for c in combinations(range(6), 3)]
-    assert all(p.is_feasible(s) for s in states) and len(states) == p.num_feasible()
+    """From one feasible state, in-group swaps (the annealer's only move) reach every
+    feasible state: a breadth-first search over swaps finds all of them."""
+    groups = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2])
+    p = CardinalityQUBO(np.eye(9), [1, 2, 1], groups)
+    start = p.magnitude_start()
+    seen, frontier = {start.tobytes()}, [start]
+    while frontier:
+        x = frontier.pop()
+        for i in np.flatnonzero(x == 1):
+            for j in np.flatnonzero((x == 0) & (groups == groups[i])):
+                y = x.copy()
+                y[i], y[j] = 0, 1
+                if y.tobytes() not in seen:
+                    seen.add(y.tobytes())
+                    frontier.append(y)
+    feasible = {np.array(bits, dtype=np.int8).tobytes()
+                for bits in np.ndindex(*([2] * 9)) if p.is_feasible(np.array(bits))}
+    assert seen == feasible and len(feasible) == p.num_feasible() == 3 * 6 * 2
 
 
 def test_neal_warm_start_becomes_the_initial_state():

@@ -61,7 +61,9 @@ def add_commands(subparsers) -> None:
                             "refit (refit; the result is refit)")
     prune.add_argument("--reconstruct", action="store_true",
                        help="least-squares update of the kept weights (alternating with iCBS)")
-    prune.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
+    prune.add_argument("--sparsegpt-columns", type=int, default=128,
+                       help="columns SparseGPT prunes between lazy weight updates (its "
+                            "`blocksize`, default 128; not the iCBS --block-size)")
     prune.add_argument("--mask-damp", type=float, default=0.1,
                        help="iCBS mask steps minimize the error under H + this x mean(diag H) I "
                             "(default 0.1; 0 fits the calibration inputs exactly, which "
@@ -109,7 +111,7 @@ def _setup(args) -> None:
 
 
 def text_perplexity(model, tokenizer, paths, seqlen: int, max_tokens: int | None,
-                    batch_size: int = 1, progress: bool = True, bos: str = "auto") -> dict:
+                    batch_size: int = 1, progress: bool = False, bos: str = "auto") -> dict:
     """Perplexity on text files with the settings that produced it."""
     from .data import eval_windows, read_text, resolve_bos, tokenize
     from .evaluate import perplexity
@@ -135,7 +137,7 @@ def run_prune(args) -> None:
     settings = LLMPruneSettings(
         method=args.method, sparsity=args.sparsity, pattern=args.pattern,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, budget=args.budget,
-        init=args.init, reconstruct=args.reconstruct, blocksize=args.blocksize,
+        init=args.init, reconstruct=args.reconstruct, sparsegpt_columns=args.sparsegpt_columns,
         percdamp=args.percdamp, mask_damp=args.mask_damp, block_size=args.block_size,
         solver=args.solver,
         include=tuple(args.include), exclude=tuple(args.exclude),
@@ -170,7 +172,8 @@ def run_prune(args) -> None:
 
     previous = signal.signal(signal.SIGINT, stop)
     try:
-        report = prune_model(model, tokenizer, settings, args.calib, layer_pruner=layer_pruner)
+        report = prune_model(model, tokenizer, settings, args.calib, layer_pruner=layer_pruner,
+                             progress=sys.stderr.isatty())
     except Interrupted:
         print(f"stopped: {len(run.records)} layers are checkpointed in {run.work}; the same "
               f"command with --resume continues", file=sys.stderr)
@@ -184,7 +187,8 @@ def run_prune(args) -> None:
                   threads=torch.get_num_threads())
     if args.eval_text:
         report["eval"] = text_perplexity(model, tokenizer, args.eval_text, args.seqlen,
-                                         args.max_tokens, args.batch_size or 1, bos=args.bos)
+                                         args.max_tokens, args.batch_size or 1, bos=args.bos,
+                                         progress=sys.stderr.isatty())
         print(f"perplexity {report['eval']['perplexity']:.4f}")
 
     def write(directory: Path) -> None:
@@ -209,6 +213,7 @@ def run_eval(args) -> None:
     read_text(args.text)
     model, tokenizer = load_model(args.model, args.device, args.cache_dir)
     result = text_perplexity(model, tokenizer, args.text, args.seqlen, args.max_tokens,
-                             args.batch_size or 1, bos=args.bos)
+                             args.batch_size or 1, bos=args.bos,
+                             progress=sys.stderr.isatty())
     print(f"perplexity {result['perplexity']:.4f} over {result['scored_tokens']} tokens "
           f"({result['windows']} windows of {args.seqlen})")

@@ -42,7 +42,7 @@ class LLMPruneSettings:
     budget: float = 600.0  # seconds of iCBS block steps over the whole model
     init: str = "wanda"  # iCBS start
     reconstruct: bool = False
-    blocksize: int = 128  # SparseGPT column block
+    sparsegpt_columns: int = 128  # SparseGPT's lazy-update column block (its `blocksize`)
     percdamp: float = 0.01  # damping, fraction of mean(diag H)
     mask_damp: float = 0.1  # iCBS mask steps: ridge on H, fraction of mean(diag H)
     block_size: int = 256  # iCBS block (variables per QUBO)
@@ -71,8 +71,8 @@ class LLMPruneSettings:
             raise ValueError(f"pattern {pattern} prunes {fixed:g} of the weights, not the "
                              f"sparsity {sparsity:g} given; leave the sparsity out or give "
                              f"{fixed:g}")
-        least = {"nsamples": 1, "seqlen": 1, "batch_size": 1, "blocksize": 1, "block_size": 2,
-                 "seed": 0}
+        least = {"nsamples": 1, "seqlen": 1, "batch_size": 1, "sparsegpt_columns": 1,
+                 "block_size": 2, "seed": 0}
         for name, minimum in least.items():
             value = getattr(self, name)
             if not isinstance(value, int) or value < minimum:
@@ -121,7 +121,7 @@ class LayerPruner:
         elif start == "alps":
             return alps_prune(w0, cov.hessian, s.sparsity, self.pattern, damp=s.percdamp)
         else:
-            return sparsegpt_prune(w0, cov.hessian, s.sparsity, self.pattern, s.blocksize,
+            return sparsegpt_prune(w0, cov.hessian, s.sparsity, self.pattern, s.sparsegpt_columns,
                                    s.percdamp)
         return w0 * mask, mask
 
@@ -188,7 +188,7 @@ def prunable_layers(model: nn.Module, settings: LLMPruneSettings) -> dict[str, n
 
 
 def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
-                calib_paths: Sequence[str] = (), progress: bool = True,
+                calib_paths: Sequence[str] = (), progress: bool = False,
                 layer_pruner: Callable[[LLMPruneSettings, int], LayerPruner] = LayerPruner
                 ) -> dict:
     """Prune `model` in place; returns the report (settings, per-layer records, times) with

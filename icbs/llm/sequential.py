@@ -3,8 +3,9 @@
 The inputs of decoder block 0 are captured once, whatever the block's call signature
 (positional and keyword arguments: position embeddings, attention masks, caches). Then for each
 block: its linear layers' input statistics are accumulated, each layer is pruned by a callback,
-and the pruned block is re-run on its inputs to produce the next block's inputs. Peak memory is
-one block's statistics plus the calibration activations.
+and the pruned block is re-run on its inputs to produce the next block's inputs. Beyond the
+model itself (all of it stays where it was loaded), the driver holds one block's statistics
+(cols x cols per distinct layer input) and the calibration activations of one block.
 """
 
 from __future__ import annotations
