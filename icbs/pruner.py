@@ -28,12 +28,11 @@ from icbs.budget import Budget
 from icbs.calibration import (
     LossFn,
     check_forward,
-    input_statistics,
     load_batches,
     mean_loss,
     per_sample_signals,
 )
-from icbs.estimators import ExactEstimator, FisherEstimator, LayerwiseEstimator
+from icbs.estimators import EstimatorContext, get_estimator
 from icbs.layers import find_prunable
 from icbs.masks import (
     check_counts,
@@ -97,9 +96,10 @@ class Pruner:
 
         start = time.perf_counter()
         kinds = {settings.init, settings.selection_score}
-        stats = None
-        if "wanda" in kinds or settings.objective == "layerwise":
-            stats = input_statistics(model, self.layers, self.batches)
+        context = EstimatorContext(model, self.layers, self.batches, self.loss_fn)
+        # built on the dense model: statistics it gathers are those of the dense inputs
+        self.estimator = get_estimator(settings.objective, context)
+        stats = context.input_statistics() if "wanda" in kinds else None
         gradients = self._dense_gradients() if "gradient" in kinds else None
         generator = torch.Generator().manual_seed(settings.seed)
         scores = {kind: weight_scores(kind, self.layers, stats=stats, gradients=gradients,
@@ -116,12 +116,6 @@ class Pruner:
             selection=settings.selection, layer_choice=settings.layer_choice,
             tabu_steps=settings.tabu_steps, fix_frac_prune=settings.fix_frac_prune,
             fix_frac_keep=settings.fix_frac_keep)
-        if settings.objective == "layerwise":
-            self.estimator = LayerwiseEstimator({n: s.hessian for n, s in stats.items()})
-        elif settings.objective == "fisher":
-            self.estimator = FisherEstimator(model, self.layers, self.batches, self.loss_fn)
-        else:
-            self.estimator = ExactEstimator(model, self.batches, self.loss_fn)
         self.solver.warm_up()  # compilation is set-up, not budget
         self.rng = np.random.default_rng(settings.seed)
         self.trace: list[StepRecord] = []

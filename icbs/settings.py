@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from icbs.estimators import ESTIMATORS
+from icbs.estimators import available_estimators
 from icbs.masks import check_sparsity, parse_pattern
 from icbs.scores import SCORES
 from icbs.selection import LAYER_CHOICES, SELECTIONS
@@ -69,7 +69,7 @@ class Settings:
         check_sparsity(self.sparsity)
         parse_pattern(self.pattern)
         _one_of("init", self.init, SCORES)
-        _one_of("objective", self.objective, ESTIMATORS)
+        _one_of("objective", self.objective, available_estimators())
         _one_of("selection", self.selection, SELECTIONS)
         _one_of("layer_choice", self.layer_choice, LAYER_CHOICES)
         _one_of("verify", self.verify, VERIFY)

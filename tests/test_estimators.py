@@ -79,3 +79,35 @@ def test_exact_estimator_matches_finite_differences():
                           / (4 * h * h) for ej in eye] for ei in eye], dtype=torch.float64)
     torch.testing.assert_close(g, fd_g, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(H, fd_H, atol=1e-4, rtol=1e-3)
+
+
+def test_a_registered_estimator_is_an_objective_and_drives_the_loop():
+    from icbs import Budget, Pruner, Settings
+    from icbs.estimators import LayerwiseEstimator, available_estimators, register_estimator
+
+    built = []
+
+    @register_estimator("test-scaled-layerwise")
+    class ScaledLayerwise(LayerwiseEstimator):  # what a plugin module would hold
+        @classmethod
+        def from_context(cls, context):
+            built.append(context)
+            return super().from_context(context)
+
+    try:
+        assert "test-scaled-layerwise" in available_estimators()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+        x = torch.randn(40, 8)
+        pruner = Pruner(model, [(x, torch.randint(0, 3, (40,)))],
+                        Settings(sparsity=0.5, objective="test-scaled-layerwise", block_size=8,
+                                 verify="estimate"))
+        assert isinstance(pruner.estimator, ScaledLayerwise) and len(built) == 1
+        pruner.run(Budget(steps=6))
+        assert pruner.objective <= pruner.objective_start
+    finally:
+        from icbs.estimators import base
+
+        base._REGISTRY.pop("test-scaled-layerwise")
+    with pytest.raises(ValueError, match="objective must be one of"):
+        Settings(sparsity=0.5, objective="test-scaled-layerwise")
