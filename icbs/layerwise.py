@@ -21,7 +21,7 @@ from icbs.reconstruct import reconstruct_rows, reconstruction_error
 from icbs.refit_steps import improve_rows
 from icbs.selection import BlockSelector
 from icbs.solver_choice import resolve_solver
-from icbs.step import set_block_mask, solve_block
+from icbs.step import block_step, capped_block_size, set_block_mask
 
 OBJECTIVES = ("layerwise", "refit")
 
@@ -92,8 +92,7 @@ def improve_layer(
     current = (w0 if weight is None else weight.float()).clone()
     block_solver = resolve_solver(solver)
     block_solver.warm_up()  # compilation is set-up, not budget
-    if block_solver.max_variables is not None:  # e.g. what a dimod sampler declares
-        block_size = min(block_size, block_solver.max_variables)
+    block_size = capped_block_size(block_size, block_solver)
     start_errors = reconstruction_error(w0, current * mask, hessian)
     if objective == "refit":
         refit = improve_rows(w0, hessian, mask, start=current * mask, pattern=pattern,
@@ -126,24 +125,22 @@ def improve_layer(
     step_seconds = 0.0
     cols = layer.shape[1]
     stale = torch.ones(layer.shape[0], dtype=torch.bool, device=w0.device)  # rows to refit
+
+    def apply_answer(answer) -> bool:  # the layer error's model is exact: always kept
+        set_block_mask(layer, answer)
+        stale[answer.idx[answer.changed] // cols] = True
+        return True
+
     for r in range(n_rounds):
         round_start = time.perf_counter()
         round_end = None if seconds is None else round_start + seconds / n_rounds
         step_limit = None if steps is None else steps * (r + 1) // n_rounds
         while (step_limit is None or taken < step_limit) and \
                 (round_end is None or time.perf_counter() < round_end):
-            block = selector.choose_block(0, rng)
+            _, _, ok = block_step(layer, 0, selector, groups, estimator, block_solver, rng,
+                                  apply_answer)
             taken += 1
-            if len(block) < 2:
-                continue
-            idx = torch.as_tensor(block, device=w0.device)
-            answer = solve_block(layer, idx, groups, estimator, block_solver,
-                                 seed=int(rng.integers(2**31)))
-            if answer.improves:
-                set_block_mask(layer, answer)
-                selector.mark_changed(0, block[answer.changed])
-                stale[idx[answer.changed] // cols] = True
-                accepted += 1
+            accepted += ok
         step_seconds += time.perf_counter() - round_start
         if reconstruct and stale.any():  # rows no step touched are still least-squares fits
             rows = stale.nonzero().squeeze(1)

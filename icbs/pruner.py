@@ -46,7 +46,7 @@ from icbs.scores import weight_scores
 from icbs.selection import BlockSelector
 from icbs.settings import Settings
 from icbs.solver_choice import resolve_solver
-from icbs.step import BlockAnswer, set_block_mask, solve_block
+from icbs.step import BlockAnswer, block_step, capped_block_size, set_block_mask
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,7 @@ class Pruner:
         self.pattern = parse_pattern(settings.pattern)
         self.solver = resolve_solver(settings.solver if solver is None else solver,
                                      settings.solver_params)
-        self.block_size = settings.block_size
-        if self.solver.max_variables is not None:
-            self.block_size = min(self.block_size, self.solver.max_variables)
+        self.block_size = capped_block_size(settings.block_size, self.solver)
         self.layers = find_prunable(model, settings.include, settings.exclude, self.pattern)
         for layer in self.layers:
             check_counts(layer.shape, self.pattern, settings.sparsity, layer.name)
@@ -142,22 +140,17 @@ class Pruner:
         t0 = time.perf_counter()
         index = self.selector.choose_layer(self.rng)
         layer = self.layers[index]
-        block = self.selector.choose_block(index, self.rng)
+        block, answer, accepted = block_step(
+            layer, index, self.selector, self.groups[index], self.estimator, self.solver,
+            self.rng, lambda answer: self._apply(index, answer), gamma=settings.gamma,
+            ridge=settings.ridge, eps=settings.qubo_eps)
         self.last_block = block  # flat weight indices of this step's block (for exporters)
-        seed = int(self.rng.integers(2**31))
-        delta, accepted, solver_time, estimate_time = 0.0, False, 0.0, 0.0
-        solver_info: dict = {}
-        if len(block) >= 2:
-            idx = torch.as_tensor(block, device=layer.w0.device)
-            answer = solve_block(layer, idx, self.groups[index], self.estimator, self.solver,
-                                 gamma=settings.gamma, ridge=settings.ridge,
-                                 eps=settings.qubo_eps, seed=seed)
+        delta, solver_time, estimate_time, solver_info = 0.0, 0.0, 0.0, {}
+        if answer is not None:
             delta, solver_time = answer.delta, answer.solver_time
             estimate_time, solver_info = answer.estimate_time, _json_safe(answer.solver_info)
-            accepted = answer.improves and self._apply(index, answer)
-            if accepted:
-                self.selector.mark_changed(index, block[answer.changed])
-                self.objective += delta
+        if accepted:
+            self.objective += delta
         self.elapsed += time.perf_counter() - t0
         record = StepRecord(
             step=len(self.trace), time=self.elapsed, layer=layer.name, block_size=len(block),

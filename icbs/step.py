@@ -1,8 +1,11 @@
-"""One block step on one layer: estimate, build the block QUBO, solve from the current mask."""
+"""One block step on one layer: choose a block, estimate, build the block QUBO, solve from the
+current mask, apply the answer when it lowers the model. `block_step` is the step both
+drivers take (`Pruner` over a model, `improve_layer` on one layer)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +65,44 @@ def solve_block(
     result = solver.solve(qubo.problem, x0=qubo.x_current, seed=seed)
     return BlockAnswer(idx, result.x, qubo.x_current, qubo.delta(result.x), estimate_time,
                        result.info["wall_time"], result.info)
+
+
+def capped_block_size(block_size: int, solver: Solver) -> int:
+    """The block size, at most what the solver accepts (e.g. what a dimod sampler declares)."""
+    if solver.max_variables is not None:
+        return min(block_size, solver.max_variables)
+    return block_size
+
+
+def block_step(
+    layer: PrunableLayer,
+    index: int,
+    selector,
+    groups: torch.Tensor,
+    estimator,
+    solver: Solver,
+    rng: np.random.Generator,
+    apply: Callable[[BlockAnswer], bool],
+    *,
+    gamma: float = 1.0,
+    ridge: float = 0.0,
+    eps: float = 1e-12,
+) -> tuple[np.ndarray, BlockAnswer | None, bool]:
+    """Choose a block of layer `index` (the selector's), solve it from the current mask and,
+    when the model's change is negative, hand the answer to `apply`, which writes it and
+    returns whether it stays; the selector learns what changed. Returns (the block, the
+    answer or None for a block of fewer than two weights, accepted)."""
+    block = selector.choose_block(index, rng)
+    seed = int(rng.integers(2**31))
+    if len(block) < 2:
+        return block, None, False
+    idx = torch.as_tensor(block, device=layer.w0.device)
+    answer = solve_block(layer, idx, groups, estimator, solver, gamma=gamma, ridge=ridge,
+                         eps=eps, seed=seed)
+    accepted = answer.improves and apply(answer)
+    if accepted:
+        selector.mark_changed(index, block[answer.changed])
+    return block, answer, accepted
 
 
 def set_block_mask(layer: PrunableLayer, answer: BlockAnswer) -> None:
