@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
+from icbs.checks import finite_at_least, integer_at_least, one_of, pattern_and_sparsity
 from icbs.estimators import available_estimators
-from icbs.masks import check_sparsity, parse_pattern
 from icbs.scores import SCORES
 from icbs.selection import LAYER_CHOICES, SELECTIONS
 
 VERIFY = ("auto", "estimate", "loss")
-
-
-def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -66,28 +59,24 @@ class Settings:
     checkpoint_every: int = 100
 
     def __post_init__(self):
-        check_sparsity(self.sparsity)
-        parse_pattern(self.pattern)
-        _one_of("init", self.init, SCORES)
-        _one_of("objective", self.objective, available_estimators())
-        _one_of("selection", self.selection, SELECTIONS)
-        _one_of("layer_choice", self.layer_choice, LAYER_CHOICES)
-        _one_of("verify", self.verify, VERIFY)
+        pattern_and_sparsity(self.pattern, self.sparsity)
+        one_of("init", self.init, SCORES)
+        one_of("objective", self.objective, available_estimators())
+        one_of("selection", self.selection, SELECTIONS)
+        one_of("layer_choice", self.layer_choice, LAYER_CHOICES)
+        one_of("verify", self.verify, VERIFY)
         if self.score is not None:
-            _one_of("score", self.score, SCORES)
-        if not isinstance(self.block_size, int) or self.block_size < 2:
-            raise ValueError(f"block_size must be an integer >= 2, got {self.block_size!r}")
-        for name in ("gamma", "ridge", "qubo_eps"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or (name != "gamma" and value < 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            one_of("score", self.score, SCORES)
+        integer_at_least("block_size", self.block_size, 2)
+        integer_at_least("seed", self.seed, 0)
+        finite_at_least("gamma", self.gamma, None)
+        finite_at_least("ridge", self.ridge)
+        finite_at_least("qubo_eps", self.qubo_eps)
         for name in ("fix_frac_prune", "fix_frac_keep"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if self.tabu_steps < 0 or self.checkpoint_every < 1:
-            raise ValueError("tabu_steps must be >= 0 and checkpoint_every >= 1")
+        integer_at_least("tabu_steps", self.tabu_steps, 0)
+        integer_at_least("checkpoint_every", self.checkpoint_every, 1)
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 

@@ -215,3 +215,15 @@ def test_a_q_near_the_float64_limit_symmetrizes_finite_and_overflowing_energies_
         CardinalityQUBO(np.array([[1.0, big], [big * 0.9999, 1.0]]), 1)
     with pytest.raises(ValueError, match="Q must be finite"):
         CardinalityQUBO(np.array([[math.nan, 0.0], [0.0, 1.0]]), 1)
+
+
+def test_both_settings_types_refuse_an_n_m_pattern_with_another_sparsity():
+    from icbs.llm.prune import LLMPruneSettings
+
+    with pytest.raises(ValueError, match="pattern 2:4 prunes 0.5 of the weights, not the "
+                                         "sparsity 0.7"):
+        Settings(sparsity=0.7, pattern="2:4")
+    with pytest.raises(ValueError, match="pattern 1:4 prunes 0.75 of the weights"):
+        LLMPruneSettings(pattern="1:4", sparsity=0.5).validated()
+    assert LLMPruneSettings(pattern="1:4").validated().sparsity == 0.75
+    assert Settings(sparsity=0.5, pattern="2:4").sparsity == 0.5

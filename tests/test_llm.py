@@ -241,7 +241,7 @@ def test_bad_input_fails_before_weights_change(loaded, text_file, tmp_path):
     model, tokenizer = loaded
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for settings, error in [
-        (LLMPruneSettings(method="obs"), "unknown method"),
+        (LLMPruneSettings(method="obs"), "method must be one of magnitude, .*; got .obs."),
         (LLMPruneSettings(method="wanda", pattern="3:7"), "not a multiple of M=7"),
         (LLMPruneSettings(method="wanda", pattern="1-in-4"), "unknown sparsity pattern"),
         (LLMPruneSettings(method="wanda", sparsity=1.0), "sparsity"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,12 +11,12 @@ import torch
 from torch import nn
 
 from ..baselines import alps_prune, magnitude_mask, sparsegpt_prune, wanda_mask
+from ..checks import finite_at_least, integer_at_least, one_of, pattern_and_sparsity
 from ..layer_stats import InputCovariance
 from ..layerwise import OBJECTIVES
 from ..masks import (
     check_counts,
     check_shape,
-    check_sparsity,
     mask_matches_pattern,
     parse_pattern,
 )
@@ -55,32 +54,17 @@ class LLMPruneSettings:
 
     def validated(self) -> LLMPruneSettings:
         """A checked copy (N:M patterns fix the sparsity at 1 - N/M); raises ValueError."""
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
-        if self.bos not in BOS_CHOICES:
-            raise ValueError(f"unknown bos {self.bos!r}; expected one of {BOS_CHOICES}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; expected one of "
-                             f"{OBJECTIVES}")
-        if self.init not in INITS:
-            raise ValueError(f"unknown init {self.init!r}; expected one of {INITS}")
-        pattern = parse_pattern(self.pattern)
-        fixed = 1 - pattern.n / pattern.m if pattern.kind == "nm" else None
-        sparsity = check_sparsity((fixed or 0.5) if self.sparsity is None else self.sparsity)
-        if fixed is not None and abs(sparsity - fixed) > 1e-9:
-            raise ValueError(f"pattern {pattern} prunes {fixed:g} of the weights, not the "
-                             f"sparsity {sparsity:g} given; leave the sparsity out or give "
-                             f"{fixed:g}")
+        one_of("method", self.method, METHODS)
+        one_of("bos", self.bos, BOS_CHOICES)
+        one_of("objective", self.objective, OBJECTIVES)
+        one_of("init", self.init, INITS)
+        pattern, sparsity = pattern_and_sparsity(self.pattern, self.sparsity)
         least = {"nsamples": 1, "seqlen": 1, "batch_size": 1, "sparsegpt_columns": 1,
                  "block_size": 2, "seed": 0}
         for name, minimum in least.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+            integer_at_least(name, getattr(self, name), minimum)
         for name in ("budget", "percdamp", "mask_damp"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            finite_at_least(name, getattr(self, name))
         return dataclasses.replace(self, pattern=str(pattern), sparsity=sparsity,
                                    include=tuple(self.include), exclude=tuple(self.exclude))
 
