@@ -42,7 +42,8 @@ from icbs.masks import Pattern, group_ids
 from icbs.reconstruct import least_squares_update, reconstruction_error
 
 REFRESH_EVERY = 64  # accepted steps of a row between fresh inverses (bounds rounding drift)
-BATCH_ELEMENTS = 2**25  # entries of one batch's stacked inverses (256 MB in float64)
+BATCH_ELEMENTS = 2**22  # entries of one batch's stacked inverses (32 MB in float64; on this CPU
+# 2**22 made more steps per second than 2**25, see the README)
 
 
 def _pairs(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
