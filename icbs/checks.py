@@ -4,6 +4,7 @@ value is refused with the same words wherever it comes in."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from icbs.masks import Pattern, check_sparsity, parse_pattern
@@ -25,6 +26,18 @@ def finite_at_least(name: str, value: Any, minimum: float | None = 0.0) -> None:
             minimum is not None and value < minimum):
         bound = "" if minimum is None else f" >= {minimum:g}"
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
+def flag_at_least(flag: str, value: int | None, minimum: int) -> None:
+    """A command-line integer flag (None: not given) must be at least `minimum`."""
+    if value is not None and value < minimum:
+        raise ValueError(f"{flag} must be >= {minimum}, got {value}")
+
+
+def output_directory(flag: str, path: str | Path) -> None:
+    """An output path must not be an existing file (a directory, or nothing yet)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is an existing file; give a directory")
 
 
 def pattern_and_sparsity(pattern: str | Pattern, sparsity: float | None,

@@ -235,12 +235,11 @@ def add_export_command(subparsers: Any) -> None:
 def _export(args: argparse.Namespace) -> None:
     import torch
 
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is an existing file; give a directory")
+    from icbs.checks import flag_at_least, output_directory
+
+    flag_at_least("--steps", args.steps, 1)
+    flag_at_least("--threads", args.threads, 1)
+    output_directory("--out", args.out)
     torch.set_num_threads(args.threads)
     rows = export_digits(args.out, block_sizes=args.block_size, steps=args.steps,
                          sparsity=args.sparsity, pattern=args.pattern,

@@ -95,16 +95,13 @@ def add_commands(subparsers) -> None:
 
 def _setup(args) -> None:
     """Check the flags every command shares (before anything is loaded or written)."""
+    from ..checks import flag_at_least
     from .load import choose_device
 
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.seqlen < 2:
-        raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
-    if getattr(args, "max_tokens", None) is not None and args.max_tokens < 2:
-        raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    flag_at_least("--threads", args.threads, 1)
+    flag_at_least("--batch-size", args.batch_size, 1)
+    flag_at_least("--seqlen", args.seqlen, 2)
+    flag_at_least("--max-tokens", args.max_tokens, 2)
     choose_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

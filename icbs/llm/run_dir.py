@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import output_directory
 from ..report import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,7 @@ class RunDirectory:
 
     def __init__(self, out: str | Path, identity: dict, resume: bool):
         self.out = Path(out)
-        if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"--out {self.out} is an existing file; give a directory")
+        output_directory("--out", self.out)
         self.work = self.out.with_name(f".{self.out.name}.partial")
         self.resume_dir = self.work / "resume"
         self.identity = json.loads(json.dumps(identity))
