@@ -283,12 +283,13 @@ def _draw(score: torch.Tensor, count: int, available: int, pool_factor: int,
 
 
 def refit_step(batches: Sequence[RowsRefit], blocks: Sequence[torch.Tensor],
-               groups: Sequence[torch.Tensor], solver, gen: torch.Generator
+               groups: torch.Tensor, solver, gen: torch.Generator
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One block step on every row of equally long batches: row r of every batch goes into
     QUBO r (their blocks side by side, solved by one `solver.solve_many`); `groups` holds
-    each batch's group id of every column, and equal ids of two batches share one count
-    (the unstructured pattern's single group lets sparsity move between the rows). Returns
+    the pattern's group id of every column, and equal ids share one count, across the
+    batches too (the unstructured pattern's single group lets sparsity move between the
+    rows of a pair). Returns
     (accepted, the exact change of the rows' summed post-refit error), one entry per QUBO."""
     fbs = [rows.free_blocks(block) for rows, block in zip(batches, blocks, strict=True)]
     y = torch.cat([fb.y.gather(1, fb.block) for fb in fbs], 1)
@@ -300,7 +301,7 @@ def refit_step(batches: Sequence[RowsRefit], blocks: Sequence[torch.Tensor],
         start = end
     x_now = torch.cat([~rows.keep.gather(1, fb.block) for rows, fb in zip(batches, fbs,
                                                                            strict=True)], 1)
-    block_groups = torch.cat([g[fb.block] for g, fb in zip(groups, fbs, strict=True)], 1)
+    block_groups = torch.cat([groups[fb.block] for fb in fbs], 1)
     zero = torch.zeros(y.shape[1], dtype=y.dtype, device=y.device)
     # E(x) - e_F as the block QUBO's model: v = y, no gradient (F's refit is stationary).
     qubos = [build_block_qubo(y[r], zero, zero, 2.0 * hessian[r], x_now[r], block_groups[r])
@@ -326,6 +327,16 @@ def refit_step(batches: Sequence[RowsRefit], blocks: Sequence[torch.Tensor],
         if take.any():
             rows.apply(fb, pruned, errors, take)
     return accepted, change
+
+
+def _write_rows(batches: Sequence[RowsRefit], ids: Sequence[torch.Tensor],
+                positions: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
+                reached: torch.Tensor) -> None:
+    """The weights and masks of the batch rows at `positions` into the layer's tensors."""
+    for batch, rows in zip(batches, ids, strict=True):
+        chosen = rows[positions]
+        weight[chosen], mask[chosen], reached[chosen] = \
+            batch.weight[positions], batch.keep[positions], True
 
 
 @dataclass
@@ -404,8 +415,9 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
         while len(ids[0]) and (unit_end is None or done < min_steps
                                or time.perf_counter() < unit_end):
             blocks = [choose_blocks(b, groups, width, gen) for b in batches]
-            ok, _ = refit_step(batches, blocks, [groups] * len(batches), solver, gen)
+            ok, _ = refit_step(batches, blocks, groups, solver, gen)
             ok = ok.cpu()
+            taken += len(ok)
             recent[torch.arange(len(ok)), count % patience] = ok
             count += 1
             done += 1
@@ -416,13 +428,9 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
             if leaving.any():
                 settled += int((rejected >= patience).sum()) * len(batches)
                 out = leaving.nonzero()[:, 0]
-                taken += int(count[out].sum())
-                late = torch.minimum(count[out], torch.tensor(patience))
-                late_steps += int(late.sum())
+                late_steps += int(count[out].clamp_max(patience).sum())
                 late_accepts += int(recent[out].sum())
-                for b, i in zip(batches, ids, strict=True):
-                    weight[i[out]], mask[i[out]], reached[i[out]] = b.weight[out], \
-                        b.keep[out], True
+                _write_rows(batches, ids, out, weight, mask, reached)
                 stay = (~leaving).nonzero()[:, 0]
                 for b in batches:
                     b.select(stay)
@@ -431,11 +439,9 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
                 if limit is not None:
                     limit = limit[stay]
             accepted += int(ok.sum())
-        taken += int(count.sum())
-        late_steps += int(torch.minimum(count, torch.tensor(patience)).sum())
+        late_steps += int(count.clamp_max(patience).sum())
         late_accepts += int(recent.sum())
-        for b, i in zip(batches, ids, strict=True):
-            weight[i], mask[i], reached[i] = b.weight, b.keep, True
+        _write_rows(batches, ids, torch.arange(len(ids[0])), weight, mask, reached)
     rest = (~reached).nonzero().squeeze(1)
     if len(rest):  # rows the budget did not reach: refit on their mask all the same
         weight[rest] = least_squares_update(weight0[rest], h.float(), mask[rest], damp=0.0,

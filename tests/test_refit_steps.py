@@ -131,7 +131,7 @@ def test_every_accepted_step_lowers_the_true_post_refit_error(pattern):
                          dtype=torch.float64)
     accepted = 0
     for _ in range(40):
-        ok, change = refit_step([rows], [choose_blocks(rows, groups, 16, gen)], [groups],
+        ok, change = refit_step([rows], [choose_blocks(rows, groups, 16, gen)], groups,
                                 solver, gen)
         truth = torch.tensor([_refit_error(h, w0[r], rows.keep[r])[0] for r in range(3)],
                              dtype=torch.float64)
