@@ -326,22 +326,21 @@ def check_checkpoint_path(path: str | Path | None) -> None:
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, state) of a checkpoint written by `Pruner.save_checkpoint`; anything else
     (a pickle, a foreign or corrupt file) is refused with a ValueError naming the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} is not a file")
-    data = path.read_bytes()
     try:
-        tensors = load(data)
-        header_size = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
-        state = json.loads(metadata["icbs"])
+        with safe_open(path, "pt") as handle:
+            state = json.loads((handle.metadata() or {})["icbs"])
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         if state.get("format") != CHECKPOINT_FORMAT:
             raise KeyError("format")
-        for key in ("settings", "layers", "rng", "selector", "trace", "elapsed", "objective"):
-            state[key]  # noqa: B018 - every field must be there
+        missing = [key for key in ("settings", "layers", "rng", "selector", "trace", "elapsed",
+                                   "objective") if key not in state]
+        if missing:
+            raise KeyError(missing)
         needed = {f"tabu/{i}" for i in range(len(state["layers"]))}
         if not needed <= tensors.keys():
             raise KeyError("tabu")
