@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from icbs.masks import Pattern, check_shape
+from icbs.masks import Pattern, check_layer
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv2d)
 
@@ -58,10 +58,12 @@ def find_prunable(
     include: tuple[str, ...] = (),
     exclude: tuple[str, ...] = (),
     pattern: Pattern | None = None,
+    sparsity: float | None = None,
 ) -> list[PrunableLayer]:
     """Linear and Conv2d layers of `model` whose names match `include` (all when empty) and
     none of `exclude` (shell-style wildcards). Raises when none is left or a weight is not
-    finite, or when the pattern does not fit a layer's shape."""
+    finite, when the pattern does not fit a layer's shape, or when the sparsity would prune
+    whole groups of it (`check_layer`)."""
     layers = []
     for name, module in model.named_modules():
         if not isinstance(module, PRUNABLE_TYPES):
@@ -72,10 +74,7 @@ def find_prunable(
             raise ValueError(f"{name}: grouped convolutions (groups={module.groups}) are not "
                              "supported; exclude this layer")
         w0 = module.weight.detach().reshape(module.weight.shape[0], -1).clone()
-        if not torch.isfinite(w0).all():
-            raise ValueError(f"{name}: weight has NaN or Inf entries")
-        if pattern is not None:
-            check_shape(tuple(w0.shape), pattern, name)
+        check_layer(name, w0, pattern, sparsity)
         mask = torch.ones_like(w0, dtype=torch.bool)
         layers.append(PrunableLayer(name, module, w0, mask, w0))
     if not layers:

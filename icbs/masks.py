@@ -76,6 +76,19 @@ def pruned_per_group(shape: tuple[int, int], pattern: Pattern, sparsity: float) 
     return pattern.m - pattern.n
 
 
+def check_layer(name: str, weight: torch.Tensor, pattern: Pattern | None = None,
+                sparsity: float | None = None) -> None:
+    """Raise unless the (rows, cols) weight is finite, fits the pattern (when given) and keeps
+    some weights of every group at the sparsity (when given)."""
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{name}: the weights have NaN or Inf entries")
+    shape = (weight.shape[0], weight[0].numel())
+    if pattern is not None:
+        check_shape(shape, pattern, name)
+        if sparsity is not None:
+            check_counts(shape, pattern, sparsity, name)
+
+
 def check_counts(shape: tuple[int, int], pattern: Pattern, sparsity: float,
                  name: str = "layer") -> None:
     """Raise if the sparsity rounds to pruning every weight of the pattern's groups."""

@@ -35,7 +35,6 @@ from icbs.calibration import (
 from icbs.estimators import EstimatorContext, get_estimator
 from icbs.layers import find_prunable
 from icbs.masks import (
-    check_counts,
     group_ids,
     mask_from_scores,
     mask_matches_pattern,
@@ -72,9 +71,8 @@ class Pruner:
         self.solver = resolve_solver(settings.solver if solver is None else solver,
                                      settings.solver_params)
         self.block_size = capped_block_size(settings.block_size, self.solver)
-        self.layers = find_prunable(model, settings.include, settings.exclude, self.pattern)
-        for layer in self.layers:
-            check_counts(layer.shape, self.pattern, settings.sparsity, layer.name)
+        self.layers = find_prunable(model, settings.include, settings.exclude, self.pattern,
+                                    settings.sparsity)
         device = self.layers[0].w0.device
         self.batches = load_batches(calibration, device)
         self.was_training = model.training

@@ -14,12 +14,7 @@ from ..baselines import alps_prune, magnitude_mask, sparsegpt_prune, wanda_mask
 from ..checks import finite_at_least, integer_at_least, one_of, pattern_and_sparsity
 from ..layer_stats import InputCovariance
 from ..layerwise import OBJECTIVES
-from ..masks import (
-    check_counts,
-    check_shape,
-    mask_matches_pattern,
-    parse_pattern,
-)
+from ..masks import check_layer, mask_matches_pattern, parse_pattern
 from ..reconstruct import reconstruct_rows, reconstruction_error
 from .data import BOS_CHOICES, calibration_windows, read_text, resolve_bos, tokenize
 from .sequential import decoder_blocks, prune_sequential, select_linears
@@ -185,10 +180,7 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
     if not layers:
         raise ValueError("no linear layer matches the include/exclude patterns")
     for name, layer in layers.items():
-        check_shape(tuple(layer.weight.shape), pattern, name)
-        check_counts(tuple(layer.weight.shape), pattern, settings.sparsity, name)
-        if not bool(torch.isfinite(layer.weight).all()):
-            raise ValueError(f"{name}: the weights have NaN or Inf entries")
+        check_layer(name, layer.weight, pattern, settings.sparsity)
     if settings.method == "icbs":
         from ..layerwise import improve_layer  # noqa: F401  (fail before any weight is touched)
     times = {}
