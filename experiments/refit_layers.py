@@ -67,7 +67,7 @@ def compare(w0: torch.Tensor, h: torch.Tensor, pattern: str, sparsity: float, ar
         for per_row in args.steps_per_row:
             result = improve_layer(w0, h, mask, weight=weight, pattern=pattern,
                                    sparsity=sparsity, steps=per_row * w0.shape[0],
-                                   block_size=args.block_size, objective="refit", damp=0.01,
+                                   block_size=args.block_size, objective="refit", mask_damp=0.01,
                                    seed=args.seed)
             found[f"icbs-refit from {start.split('+')[0]}@{per_row}"] = (
                 result.weight, result.mask, seconds + result.seconds, result.accepted,

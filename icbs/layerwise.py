@@ -71,15 +71,15 @@ def improve_layer(
     calibration inputs barely cover; the reported errors are always on H itself.
 
     `objective="refit"` chooses each block's mask by the error after the row's kept weights
-    are refit (`icbs.refit_steps`, with the ridge `damp` of every refit here), stepping rows
-    in batches; the result is refit, and `reconstruct`, `rounds` and `mask_damp` do not
-    apply.
+    are refit (`icbs.refit_steps`), stepping rows in batches; both the steps and the refit
+    weights use the ridge `mask_damp` (which must be positive), and `reconstruct`, `rounds`
+    and `damp` do not apply.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
-    if objective == "refit" and not damp > 0:
-        raise ValueError(f"objective 'refit' needs damp > 0 (a ridge that keeps every row's "
-                         f"kept-set Hessian invertible), got {damp}")
+    if objective == "refit" and not mask_damp > 0:
+        raise ValueError(f"objective 'refit' needs mask_damp > 0 (a ridge that keeps every "
+                         f"row's kept-set Hessian invertible), got {mask_damp}")
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError("the layer's input statistics (H) are not finite")
     if seconds is None and steps is None:
@@ -96,7 +96,7 @@ def improve_layer(
     start_errors = reconstruction_error(w0, current * mask, hessian)
     if objective == "refit":
         refit = improve_rows(w0, hessian, mask, start=current * mask, pattern=pattern,
-                             block_size=block_size, solver=block_solver, seed=seed, ridge=damp,
+                             block_size=block_size, solver=block_solver, seed=seed, ridge=mask_damp,
                              seconds=seconds, steps=steps)
         return LayerResult(
             weight=refit.weight, mask=refit.mask, error_before=float(start_errors.sum()),

@@ -160,7 +160,7 @@ def test_improve_layer_refit_beats_the_refit_of_its_start(pattern):
     start = float(reconstruction_error(w0, least_squares_update(w0, hessian, mask, 0.01,
                                                                 tol=1e-8), hessian).sum())
     result = improve_layer(w0, hessian, mask, weight=weight, pattern=pattern, sparsity=0.5,
-                           steps=8 * 20, block_size=16, objective="refit", damp=0.01)
+                           steps=8 * 20, block_size=16, objective="refit", mask_damp=0.01)
     assert mask_matches_pattern(result.mask, parse_pattern(pattern), 0.5)
     assert torch.all(result.weight[~result.mask] == 0) and result.accepted > 0
     assert result.error_after == pytest.approx(
@@ -188,13 +188,13 @@ def test_improve_rows_refits_rows_the_budget_does_not_reach():
 def test_refit_objective_refuses_no_ridge_and_non_finite_statistics():
     w0, hessian = torch.randn(4, 8), torch.eye(8)
     mask = torch.arange(8).repeat(4, 1) < 4
-    with pytest.raises(ValueError, match="damp > 0"):
+    with pytest.raises(ValueError, match="mask_damp > 0"):
         improve_layer(w0, hessian, mask, pattern="per_output", sparsity=0.5, steps=2,
-                      objective="refit", damp=0.0)
+                      objective="refit", mask_damp=0.0)
     hessian[2, 3] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
         improve_layer(w0, hessian, mask, pattern="per_output", sparsity=0.5, steps=2,
-                      objective="refit")
+                      objective="refit", mask_damp=0.1)
     with pytest.raises(ValueError, match="unknown objective"):
         improve_layer(w0, torch.eye(8), mask, pattern="per_output", sparsity=0.5, steps=2,
                       objective="obs")
