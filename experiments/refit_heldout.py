@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                              heldout_vs_alps=found[1] / alps[1]))
         for ridge in args.ridges:
             result = improve_rows(w0, h, mask, start=weight, pattern=pattern, block_size=64,
-                                  solver=solver, seed=0, ridge=ridge,
+                                  solver=solver, seed=0, damp=ridge,
                                   steps=args.steps_per_row * len(w0))
             found = errors(result.weight)
             rows.append(dict(layer=name, method="refit steps from alps", ridge=ridge,

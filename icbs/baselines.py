@@ -127,13 +127,13 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
 
 
 def alps_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
-               pattern: Pattern | str, *, ridge: float = 0.01, rho0: float = 0.1,
+               pattern: Pattern | str, *, admm_damp: float = 0.01, rho0: float = 0.1,
                max_iter: int = 300, update_every: int = 3,
                damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """ALPS (Meng et al. 2024): ADMM over weights and support, then a refit on the support.
 
     Minimizes each row's (w - w0)^T (H + lambda I) (w - w0) subject to the pattern's counts,
-    lambda = `ridge` * mean(diag H), by ADMM with the splitting W = D:
+    lambda = `admm_damp` * mean(diag H), by ADMM with the splitting W = D:
       W-step  W = (H + lambda I + rho I)^-1 ((H + lambda I) w0 - V + rho D), all rows at once
               through one eigendecomposition of H + lambda I, so each new rho costs a product;
       D-step  D = W + V / rho with all but the largest |.| of every pattern group set to zero;
@@ -154,7 +154,7 @@ def alps_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
     w0 = weight.detach().double()
     h = hessian.detach().double().to(w0.device)
     mean_diag = torch.diagonal(h).mean().clamp_min(1e-12)
-    h_ridge = h + ridge * mean_diag * torch.eye(cols, dtype=h.dtype, device=h.device)
+    h_ridge = h + admm_damp * mean_diag * torch.eye(cols, dtype=h.dtype, device=h.device)
     eigenvalues, basis = (t.float() for t in torch.linalg.eigh(h_ridge))
     # The iteration runs in float32: half the time of float64, and on SmolLM2's layers a
     # post-refit error within 3e-4 (relative) of it; the decomposition stays float64.

@@ -96,7 +96,7 @@ def improve_layer(
     start_errors = reconstruction_error(w0, current * mask, hessian)
     if objective == "refit":
         refit = improve_rows(w0, hessian, mask, start=current * mask, pattern=pattern,
-                             block_size=block_size, solver=block_solver, seed=seed, ridge=mask_damp,
+                             block_size=block_size, solver=block_solver, seed=seed, damp=mask_damp,
                              seconds=seconds, steps=steps)
         return LayerResult(
             weight=refit.weight, mask=refit.mask, error_before=float(start_errors.sum()),

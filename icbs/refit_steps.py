@@ -78,8 +78,8 @@ class RowsRefit:
         chol, info = torch.linalg.cholesky_ex(self.h[_pairs(kept)])
         if bool(info.any()):
             raise torch.linalg.LinAlgError(
-                "H restricted to a row's kept weights is singular; use a positive ridge "
-                "(damp > 0)")
+                "H restricted to a row's kept weights is singular; give damp > 0 "
+                "(a ridge as a fraction of mean(diag H))")
         inv = torch.cholesky_inverse(chol)
         weight = torch.zeros_like(w0).scatter_(
             1, kept, (inv @ (w0 @ self.h).gather(1, kept)[:, :, None])[:, :, 0])
@@ -353,7 +353,7 @@ class RefitResult:
 
 def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, *,
                  start: torch.Tensor, pattern: Pattern, block_size: int, solver, seed: int,
-                 ridge: float, seconds: float | None = None, steps: int | None = None,
+                 damp: float, seconds: float | None = None, steps: int | None = None,
                  patience: int = 16, min_steps: int = 4) -> RefitResult:
     """Refit-aware block steps on every row of a layer, the worst rows (by the error of
     `start`, the current weights) first. Rows go in batches (as many as BATCH_ELEMENTS
@@ -363,11 +363,11 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
     steps in a row. `steps` counts block steps of single rows (a row pair's step counts
     once), shared out equally. For `unstructured` the rows go in pairs, the worst with the
     best, sharing one count, so that sparsity moves to where it costs least. The error is
-    (w - w0)^T (H + ridge * mean(diag H) I) (w - w0); rows the budget does not reach are
+    (w - w0)^T (H + damp * mean(diag H) I) (w - w0); rows the budget does not reach are
     refit on their mask all the same."""
     rows, cols = weight0.shape
     h = hessian.double()
-    h = h + ridge * torch.diagonal(h).mean().clamp_min(1e-12) * torch.eye(
+    h = h + damp * torch.diagonal(h).mean().clamp_min(1e-12) * torch.eye(
         cols, dtype=h.dtype, device=h.device)
     w0 = weight0.double()
     groups = group_ids((1, cols), pattern)[0].to(w0.device)  # a row's groups, 0-based

@@ -1,4 +1,10 @@
-"""All knobs of an iCBS run in one frozen dataclass, checked when it is made."""
+"""The knobs of a pruning run in frozen dataclasses, checked when they are made.
+
+`PruneSettings` holds what every run has (what to prune, the block search, the seed) and
+checks it once; `Settings` (an iCBS run on any model, `icbs.Pruner`) and
+`icbs.llm.prune.LLMPruneSettings` (a causal LM pruned block by block) add their own. One name
+per idea across both: a `*damp` is a ridge as a fraction of mean(diag H) (SparseGPT's
+`percdamp` convention), `ridge` an absolute weight of |D|^2."""
 
 from __future__ import annotations
 
@@ -13,15 +19,45 @@ VERIFY = ("auto", "estimate", "loss")
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Settings of an iCBS run.
+class PruneSettings:
+    """What every pruning run is given.
 
-    sparsity: fraction of each layer's weights pruned (for N:M patterns fixed by N:M).
-    pattern: "unstructured" (per layer), "per_output" (per row) or "N:M" such as "2:4".
+    sparsity: fraction of each layer's weights pruned; None: 1 - N/M for an N:M pattern,
+        else 0.5 (another sparsity with an N:M pattern is refused).
+    pattern: "unstructured" (per layer), "per_output" (per row) or "N:M" such as "2:4";
+        stored in its canonical spelling.
+    solver: a solver name from `solvers.available()`; block_size: variables per block QUBO.
+    include / exclude: shell-style patterns of layer names to prune / leave dense.
+    """
+
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    solver: str = "anneal"
+    block_size: int = 256
+    seed: int = 0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        pattern, sparsity = pattern_and_sparsity(self.pattern, self.sparsity)
+        integer_at_least("block_size", self.block_size, 2)
+        integer_at_least("seed", self.seed, 0)
+        for name, value in (("pattern", str(pattern)), ("sparsity", sparsity),
+                            ("include", tuple(self.include)), ("exclude", tuple(self.exclude))):
+            object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Settings(PruneSettings):
+    """Settings of an iCBS run (the fields of `PruneSettings`, and:)
+
     init: scores of the initial mask: magnitude, wanda, gradient or random.
     objective: estimator of the loss change: layerwise, fisher or exact.
-    solver: a solver name from `solvers.available()`, with `solver_params`.
-    block_size: variables per block QUBO. selection: "score" or "random" block candidates,
+    solver_params: keyword arguments of the solver.
+    selection: "score" or "random" block candidates,
         ranked by `score` (default: the init scores; magnitude when init is random).
     layer_choice: "log_size" (layers drawn in proportion to log of their size, as in the
         paper) or "round_robin".
@@ -32,17 +68,12 @@ class Settings:
         calibration loss itself to go down (one forward pass per candidate step); "auto"
         is "loss" for the fisher and exact objectives and "estimate" for layerwise, whose
         model is exact.
-    include / exclude: shell-style patterns of layer names to prune / leave dense.
     checkpoint_every: steps between checkpoints when a checkpoint path is given.
     """
 
-    sparsity: float
-    pattern: str = "unstructured"
     init: str = "magnitude"
     objective: str = "fisher"
-    solver: str = "anneal"
     solver_params: dict = field(default_factory=dict)
-    block_size: int = 256
     selection: str = "score"
     score: str | None = None
     layer_choice: str = "log_size"
@@ -53,13 +84,10 @@ class Settings:
     fix_frac_prune: float = 0.0
     fix_frac_keep: float = 0.0
     verify: str = "auto"
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    seed: int = 0
     checkpoint_every: int = 100
 
     def __post_init__(self):
-        pattern_and_sparsity(self.pattern, self.sparsity)
+        super().__post_init__()
         one_of("init", self.init, SCORES)
         one_of("objective", self.objective, available_estimators())
         one_of("selection", self.selection, SELECTIONS)
@@ -67,8 +95,6 @@ class Settings:
         one_of("verify", self.verify, VERIFY)
         if self.score is not None:
             one_of("score", self.score, SCORES)
-        integer_at_least("block_size", self.block_size, 2)
-        integer_at_least("seed", self.seed, 0)
         finite_at_least("gamma", self.gamma, None)
         finite_at_least("ridge", self.ridge)
         finite_at_least("qubo_eps", self.qubo_eps)
@@ -77,8 +103,6 @@ class Settings:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         integer_at_least("tabu_steps", self.tabu_steps, 0)
         integer_at_least("checkpoint_every", self.checkpoint_every, 1)
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
 
     @property
     def selection_score(self) -> str:
@@ -91,6 +115,3 @@ class Settings:
         if self.verify == "auto":
             return self.objective != "layerwise"
         return self.verify == "loss"
-
-    def to_dict(self) -> dict:
-        return asdict(self)

@@ -224,6 +224,6 @@ def test_both_settings_types_refuse_an_n_m_pattern_with_another_sparsity():
                                          "sparsity 0.7"):
         Settings(sparsity=0.7, pattern="2:4")
     with pytest.raises(ValueError, match="pattern 1:4 prunes 0.75 of the weights"):
-        LLMPruneSettings(pattern="1:4", sparsity=0.5).validated()
-    assert LLMPruneSettings(pattern="1:4").validated().sparsity == 0.75
+        LLMPruneSettings(pattern="1:4", sparsity=0.5)
+    assert LLMPruneSettings(pattern="1:4").sparsity == 0.75
     assert Settings(sparsity=0.5, pattern="2:4").sparsity == 0.5

@@ -241,14 +241,15 @@ def test_bad_input_fails_before_weights_change(loaded, text_file, tmp_path):
     model, tokenizer = loaded
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for settings, error in [
-        (LLMPruneSettings(method="obs"), "method must be one of magnitude, .*; got .obs."),
-        (LLMPruneSettings(method="wanda", pattern="3:7"), "not a multiple of M=7"),
-        (LLMPruneSettings(method="wanda", pattern="1-in-4"), "unknown sparsity pattern"),
-        (LLMPruneSettings(method="wanda", sparsity=1.0), "sparsity"),
-        (LLMPruneSettings(method="wanda", seqlen=100000, nsamples=2), "fewer than one window"),
+        (dict(method="obs"), "method must be one of magnitude, .*; got .obs."),
+        (dict(method="wanda", pattern="3:7"), "not a multiple of M=7"),
+        (dict(method="wanda", pattern="1-in-4"), "unknown sparsity pattern"),
+        (dict(method="wanda", sparsity=1.0), "sparsity"),
+        (dict(method="wanda", seqlen=100000, nsamples=2), "fewer than one window"),
     ]:
         with pytest.raises(ValueError, match=error):
-            prune_model(model, tokenizer, settings, [text_file], progress=False)
+            prune_model(model, tokenizer, LLMPruneSettings(**settings), [text_file],
+                        progress=False)
     with pytest.raises(FileNotFoundError):
         prune_model(model, tokenizer, LLMPruneSettings(method="wanda"), [tmp_path / "no.txt"])
     for key, value in model.state_dict().items():

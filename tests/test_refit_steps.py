@@ -176,7 +176,7 @@ def test_improve_rows_refits_rows_the_budget_does_not_reach():
     hessian = (x.T @ x / 64).double()
     mask = torch.rand(6, 16, generator=gen).argsort(1) < 8
     result = improve_rows(w0, hessian, mask, start=w0 * mask, pattern=parse_pattern(
-        "per_output"), block_size=8, solver=get_solver("greedy"), seed=0, ridge=0.01,
+        "per_output"), block_size=8, solver=get_solver("greedy"), seed=0, damp=0.01,
         steps=2)  # two rows get one step each
     assert result.rows_visited == 2
     h = hessian + 0.01 * torch.diagonal(hessian).mean() * torch.eye(16, dtype=torch.float64)
@@ -209,7 +209,7 @@ def test_unstructured_rows_trade_sparsity_and_keep_the_layer_count():
     h = hessian + 0.01 * torch.diagonal(hessian).mean() * torch.eye(16, dtype=torch.float64)
     start = sum(_refit_error(h, w0[r].double(), mask[r])[0] for r in range(4))
     result = improve_rows(w0, hessian, mask, start=w0 * mask, pattern=parse_pattern(
-        "unstructured"), block_size=16, solver=get_solver("anneal"), seed=0, ridge=0.01,
+        "unstructured"), block_size=16, solver=get_solver("anneal"), seed=0, damp=0.01,
         steps=40)
     assert int(result.mask.sum()) == 32 and result.accepted > 0
     kept = result.mask.sum(1)

@@ -140,7 +140,7 @@ def run_prune(args) -> None:
         solver=args.solver,
         include=tuple(args.include), exclude=tuple(args.exclude),
         batch_size=8 if args.batch_size is None else args.batch_size, bos=args.bos,
-        objective=args.objective).validated()
+        objective=args.objective)
     if settings.needs_calibration:
         read_text(args.calib)  # missing files fail before the model is loaded
     if args.eval_text:

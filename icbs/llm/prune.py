@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from ..baselines import alps_prune, magnitude_mask, sparsegpt_prune, wanda_mask
-from ..checks import finite_at_least, integer_at_least, one_of, pattern_and_sparsity
+from ..checks import finite_at_least, integer_at_least, one_of
 from ..layer_stats import InputCovariance
 from ..layerwise import OBJECTIVES
 from ..masks import check_layer, mask_matches_pattern, parse_pattern
 from ..reconstruct import reconstruct_rows, reconstruction_error
+from ..settings import PruneSettings
 from .data import BOS_CHOICES, calibration_windows, read_text, resolve_bos, tokenize
 from .sequential import decoder_blocks, prune_sequential, select_linears
 
@@ -24,44 +25,35 @@ INITS = ("wanda", "sparsegpt", "alps")
 
 
 @dataclass(frozen=True)
-class LLMPruneSettings:
-    """What to prune and how; names follow Wanda / SparseGPT / llm-compressor."""
+class LLMPruneSettings(PruneSettings):
+    """What to prune and how (the fields of `icbs.settings.PruneSettings`, and these); names
+    follow Wanda / SparseGPT / llm-compressor. Raises ValueError when made with a bad value."""
 
-    method: str = "icbs"
-    sparsity: float | None = None  # None: 1 - N/M for an N:M pattern, else 0.5
     pattern: str = "per_output"
+    include: tuple[str, ...] = ("*",)
+    method: str = "icbs"
     nsamples: int = 128
     seqlen: int = 512
-    seed: int = 0
     budget: float = 600.0  # seconds of iCBS block steps over the whole model
     init: str = "wanda"  # iCBS start
     reconstruct: bool = False
     sparsegpt_columns: int = 128  # SparseGPT's lazy-update column block (its `blocksize`)
     percdamp: float = 0.01  # damping, fraction of mean(diag H)
-    mask_damp: float = 0.1  # iCBS mask steps: ridge on H, fraction of mean(diag H)
-    block_size: int = 256  # iCBS block (variables per QUBO)
-    solver: str = "anneal"
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
+    mask_damp: float = 0.1  # iCBS mask steps (and the refit objective's weights): ridge on H
     batch_size: int = 8
     bos: str = "auto"  # BOS before every calibration window: auto, yes, no
     objective: str = "layerwise"  # iCBS block steps: "layerwise" (kept weights frozen), "refit"
 
-    def validated(self) -> LLMPruneSettings:
-        """A checked copy (N:M patterns fix the sparsity at 1 - N/M); raises ValueError."""
+    def __post_init__(self):
+        super().__post_init__()
         one_of("method", self.method, METHODS)
         one_of("bos", self.bos, BOS_CHOICES)
         one_of("objective", self.objective, OBJECTIVES)
         one_of("init", self.init, INITS)
-        pattern, sparsity = pattern_and_sparsity(self.pattern, self.sparsity)
-        least = {"nsamples": 1, "seqlen": 1, "batch_size": 1, "sparsegpt_columns": 1,
-                 "block_size": 2, "seed": 0}
-        for name, minimum in least.items():
-            integer_at_least(name, getattr(self, name), minimum)
+        for name in ("nsamples", "seqlen", "batch_size", "sparsegpt_columns"):
+            integer_at_least(name, getattr(self, name), 1)
         for name in ("budget", "percdamp", "mask_damp"):
             finite_at_least(name, getattr(self, name))
-        return dataclasses.replace(self, pattern=str(pattern), sparsity=sparsity,
-                                   include=tuple(self.include), exclude=tuple(self.exclude))
 
     @property
     def needs_calibration(self) -> bool:
@@ -174,7 +166,6 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
     the masks under the key "masks" (name -> bool tensor). `layer_pruner(settings,
     total_weights)` makes the per-layer callback (a resumed run passes one that restores
     checkpointed layers and checkpoints new ones)."""
-    settings = settings.validated()
     pattern = parse_pattern(settings.pattern)
     layers = prunable_layers(model, settings)
     if not layers:
