@@ -158,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 measured fastest on a shared 2-core machine)")
     parser.add_argument("--out", default="experiments/results/llm")
+    parser.add_argument("--save-models", default=None, metavar="DIR",
+                        help="also save every pruned model (safetensors and tokenizer) under "
+                             "DIR/<method>-<init>-<pattern>-<sparsity>-<budget>, e.g. for "
+                             "`icbs eval --tasks`")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -180,6 +184,11 @@ def main(argv: list[str] | None = None) -> None:
         if settings is not None:
             report = prune_model(model, tokenizer, settings, args.calib, progress=False)
         seconds = time.perf_counter() - tic
+        if args.save_models:
+            name = "-".join(str(part) for part in (method, init or "none", pattern.replace(
+                ":", "of"), sparsity, budget))
+            model.save_pretrained(Path(args.save_models) / name)
+            tokenizer.save_pretrained(Path(args.save_models) / name)
         result = text_perplexity(model, tokenizer, args.eval, args.seqlen, args.max_tokens,
                                  progress=False)
         row = dict(method=method, init=init,
