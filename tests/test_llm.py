@@ -62,13 +62,13 @@ def _tiny_llama_dir(path, bos: bool):
     """A 2-block LLaMA (hidden 64, MLP 128) with random weights and a char tokenizer that, with
     `bos`, adds a BOS token to every encode as Gemma's and LLaMA-2's do."""
     torch.manual_seed(0)
-    vocab = {"<unk>": 0, "<s>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     if bos:
         backend.post_processor = processors.TemplateProcessing(
             single="<s> $A", special_tokens=[("<s>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
-                                        bos_token="<s>" if bos else None)
+                                        bos_token="<s>" if bos else None, eos_token="</s>")
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=4096, tie_word_embeddings=False)

@@ -87,11 +87,39 @@ def add_commands(subparsers) -> None:
                        help="continue the killed or stopped run of the same command into --out")
     prune.set_defaults(func=run_prune)
 
-    evaluate = subparsers.add_parser("eval", help="perplexity of a causal LM on text files")
+    evaluate = subparsers.add_parser(
+        "eval", help="perplexity on text files and/or lm-eval tasks of a causal LM")
     _common(evaluate)
-    evaluate.add_argument("--text", nargs="+", required=True, metavar="FILE")
+    evaluate.add_argument("--text", nargs="+", default=[], metavar="FILE",
+                          help="plain-text files to measure perplexity on")
     evaluate.add_argument("--max-tokens", type=int, default=None, help="cap on evaluated tokens")
+    evaluate.add_argument("--tasks", nargs="+", default=[], metavar="NAME",
+                          help="lm-evaluation-harness tasks (needs the eval extra), e.g. "
+                               "hellaswag, or a local task such as one from make-cloze")
+    evaluate.add_argument("--include-path", default=None, metavar="DIR",
+                          help="directory of local lm-eval task YAML files")
+    evaluate.add_argument("--limit", type=int, default=None,
+                          help="score only the first N items of each task")
+    evaluate.add_argument("--report", default="eval_report.json", metavar="FILE",
+                          help="JSON report of the evaluation (default eval_report.json)")
     evaluate.set_defaults(func=run_eval)
+
+    cloze = subparsers.add_parser(
+        "make-cloze", help="write a LAMBADA-style cloze task for lm-eval from plain-text books",
+        description="Passages of the books whose last word (a whole word ending a sentence "
+                    "and already used in the passage) is to be predicted from the rest; "
+                    "writes OUT/NAME.jsonl and OUT/NAME.yaml for `icbs eval --tasks NAME "
+                    "--include-path OUT`.")
+    cloze.add_argument("--text", nargs="+", required=True, metavar="FILE")
+    cloze.add_argument("--out", required=True, metavar="DIR")
+    cloze.add_argument("--name", default="cloze", help="task name (default cloze)")
+    cloze.add_argument("--items", type=int, default=1000, help="passages (default 1000)")
+    cloze.add_argument("--seed", type=int, default=0)
+    cloze.add_argument("--min-context", type=int, default=50,
+                       help="fewest context words before the target (default 50)")
+    cloze.add_argument("--max-context", type=int, default=150,
+                       help="most context words before the target (default 150)")
+    cloze.set_defaults(func=run_make_cloze)
 
 
 def _setup(args) -> None:
@@ -204,14 +232,54 @@ def run_prune(args) -> None:
 
 
 def run_eval(args) -> None:
+    from ..checks import flag_at_least
     from .data import read_text
     from .load import load_model
 
     _setup(args)
-    read_text(args.text)
+    if not args.text and not args.tasks:
+        raise ValueError("give --text FILE ... (perplexity), --tasks NAME ... (lm-eval), or both")
+    flag_at_least("--limit", args.limit, 1)
+    report_path = Path(args.report)
+    if report_path.is_dir() or not report_path.parent.is_dir():
+        raise ValueError(f"--report {report_path} must be a file in an existing directory")
+    if args.text:
+        read_text(args.text)
+    if args.tasks:
+        from .tasks import task_manager
+
+        manager = task_manager(args.tasks, args.include_path)  # lm-eval there, tasks known
     model, tokenizer = load_model(args.model, args.device, args.cache_dir)
-    result = text_perplexity(model, tokenizer, args.text, args.seqlen, args.max_tokens,
-                             args.batch_size or 1, bos=args.bos,
-                             progress=sys.stderr.isatty())
-    print(f"perplexity {result['perplexity']:.4f} over {result['scored_tokens']} tokens "
-          f"({result['windows']} windows of {args.seqlen})")
+    report = {"model": str(args.model), "bos": args.bos}
+    if args.text:
+        result = text_perplexity(model, tokenizer, args.text, args.seqlen, args.max_tokens,
+                                 args.batch_size or 1, bos=args.bos,
+                                 progress=sys.stderr.isatty())
+        report["perplexity"] = result
+        print(f"perplexity {result['perplexity']:.4f} over {result['scored_tokens']} tokens "
+              f"({result['windows']} windows of {args.seqlen})")
+    if args.tasks:
+        from .tasks import evaluate_tasks, format_rows
+
+        tic = time.perf_counter()
+        report["tasks"] = evaluate_tasks(model, tokenizer, args.tasks,
+                                         include_path=args.include_path, limit=args.limit,
+                                         batch_size=args.batch_size or 1, bos=args.bos,
+                                         manager=manager)
+        report["tasks"]["seconds"] = time.perf_counter() - tic
+        print(format_rows(report["tasks"]["rows"]))
+    partial = report_path.with_name(report_path.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2))
+    partial.replace(report_path)
+
+
+def run_make_cloze(args) -> None:
+    from .cloze import make_cloze
+
+    summary = make_cloze(args.text, args.out, name=args.name, items=args.items,
+                         seed=args.seed, min_context=args.min_context,
+                         max_context=args.max_context)
+    short = "" if summary["items"] == args.items else (
+        f" (asked for {args.items}; only {summary['items']} passages qualify)")
+    print(f"wrote {summary['items']} passages{short} to {summary['data']}; score them with "
+          f"icbs eval --model MODEL --tasks {args.name} --include-path {args.out}")
