@@ -193,3 +193,12 @@ def test_make_cloze_refuses_bad_arguments(tmp_path, capsys):
     _refused(["make-cloze", "--text", book, "--out", book], capsys, "is an existing file")
     _refused(["make-cloze", "--text", tmp_path / "none.txt", "--out", tmp_path / "o"], capsys,
              "text file not found")
+
+
+def test_tasks_without_lm_eval_say_how_to_install_it(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)
+    _refused(["eval", "--model", tmp_path / "m", "--tasks", "hellaswag"], capsys,
+             r"--tasks needs lm-eval: pip install 'icbs\[eval\]'")
