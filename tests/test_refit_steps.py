@@ -169,6 +169,25 @@ def test_improve_layer_refit_beats_the_refit_of_its_start(pattern):
     assert result.convergence["rows_visited"] == 8
 
 
+def test_improve_layer_refit_scores_masks_under_mask_damp_and_refits_with_damp():
+    gen = torch.Generator().manual_seed(9)
+    w0 = torch.randn(6, 16, generator=gen)
+    x = torch.randn(48, 16, generator=gen)
+    hessian = x.T @ x / 48
+    mask = torch.rand(6, 16, generator=gen).argsort(1) < 8
+    result = improve_layer(w0, hessian, mask, pattern="per_output", sparsity=0.5, steps=24,
+                           block_size=8, objective="refit", mask_damp=0.3, damp=0.01)
+    steps_only = improve_layer(w0, hessian, mask, pattern="per_output", sparsity=0.5,
+                               steps=24, block_size=8, objective="refit", mask_damp=0.3,
+                               damp=0.3)
+    assert torch.equal(result.mask, steps_only.mask) and result.accepted > 0
+    h = hessian.double() + 0.01 * torch.diagonal(hessian).mean() * torch.eye(
+        16, dtype=torch.float64)
+    for r in range(6):  # the weights are the damp=0.01 refit of the mask the steps chose
+        truth = _refit_error(h, w0[r].double(), result.mask[r])[1]
+        torch.testing.assert_close(result.weight[r].double(), truth, rtol=1e-3, atol=1e-4)
+
+
 def test_improve_rows_refits_rows_the_budget_does_not_reach():
     gen = torch.Generator().manual_seed(8)
     w0 = torch.randn(6, 16, generator=gen)

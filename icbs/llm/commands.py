@@ -66,9 +66,9 @@ def add_commands(subparsers) -> None:
                             "`blocksize`, default 128; not the iCBS --block-size)")
     prune.add_argument("--mask-damp", type=float, default=0.1,
                        help="iCBS mask steps minimize the error under H + this x mean(diag H) I "
-                            "(default 0.1; with --objective refit also the ridge of the refit "
-                            "weights; 0 fits the calibration inputs exactly, which over-fits: "
-                            "see the README)")
+                            "(default 0.1; with --objective refit the ridge the masks are scored "
+                            "under, the weights being refit with --percdamp; 0 fits the "
+                            "calibration inputs exactly, which over-fits: see the README)")
     prune.add_argument("--percdamp", type=float, default=0.01,
                        help="damping as a fraction of mean(diag H) (default 0.01)")
     prune.add_argument("--block-size", type=int, default=256, help="iCBS block (QUBO variables)")

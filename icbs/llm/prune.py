@@ -39,7 +39,7 @@ class LLMPruneSettings(PruneSettings):
     reconstruct: bool = False
     sparsegpt_columns: int = 128  # SparseGPT's lazy-update column block (its `blocksize`)
     percdamp: float = 0.01  # damping, fraction of mean(diag H)
-    mask_damp: float = 0.1  # iCBS mask steps (and the refit objective's weights): ridge on H
+    mask_damp: float = 0.1  # iCBS mask steps: ridge on H, fraction of mean(diag H)
     batch_size: int = 8
     bos: str = "auto"  # BOS before every calibration window: auto, yes, no
     objective: str = "layerwise"  # iCBS block steps: "layerwise" (kept weights frozen), "refit"
