@@ -98,7 +98,7 @@ def improve_layer(
     if objective == "refit":
         refit = improve_rows(w0, hessian, mask, start=current * mask, pattern=pattern,
                              block_size=block_size, solver=block_solver, seed=seed, damp=mask_damp,
-                             seconds=seconds, steps=steps)
+                             seconds=seconds, steps=steps, refit_unreached=damp == mask_damp)
         weight = refit.weight if damp == mask_damp else least_squares_update(
             w0, hessian, refit.mask, damp, start=refit.weight.float())
         return LayerResult(

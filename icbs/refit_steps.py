@@ -354,17 +354,22 @@ class RefitResult:
 def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, *,
                  start: torch.Tensor, pattern: Pattern, block_size: int, solver, seed: int,
                  damp: float, seconds: float | None = None, steps: int | None = None,
-                 patience: int = 16, min_steps: int = 4) -> RefitResult:
+                 patience: int = 16, min_steps: int = 4,
+                 refit_unreached: bool = True) -> RefitResult:
     """Refit-aware block steps on every row of a layer, the worst rows (by the error of
     `start`, the current weights) first. Rows go in batches (as many as BATCH_ELEMENTS
     allows) that step together; each batch gets its rows' share of what is left of the
-    budget but at least `min_steps` steps (so a small time budget reaches fewer rows rather
-    than spending itself on their set-up); a row leaves its batch after `patience` rejected
-    steps in a row. `steps` counts block steps of single rows (a row pair's step counts
-    once), shared out equally. For `unstructured` the rows go in pairs, the worst with the
-    best, sharing one count, so that sparsity moves to where it costs least. The error is
+    budget but, while the budget lasts, at least `min_steps` steps (so a small time budget
+    reaches fewer rows rather than spending itself on their set-up), and no batch starts
+    when what is left is less than the last one took for its set-up and those steps; the
+    budget is overrun by at most one step. A row leaves its batch after
+    `patience` rejected steps in a row. `steps` counts block steps of single rows (a row
+    pair's step counts once), shared out equally. For `unstructured` the rows go in pairs,
+    the worst with the best, sharing one count, so that sparsity moves to where it costs
+    least. The error is
     (w - w0)^T (H + damp * mean(diag H) I) (w - w0); rows the budget does not reach are
-    refit on their mask all the same."""
+    refit on their mask all the same (or, without `refit_unreached`, keep `start`), after
+    the budget: `seconds` leaves that refit out."""
     rows, cols = weight0.shape
     h = hessian.double()
     h = h + damp * torch.diagonal(h).mean().clamp_min(1e-12) * torch.eye(
@@ -389,6 +394,7 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
     begin = time.perf_counter()
     taken = accepted = visited = settled = late_steps = late_accepts = 0
     done_rows = 0
+    least = 0.0  # seconds the last batch took for its set-up and first min_steps steps
     for unit in units:
         unit_rows = sum(len(batch) for batch in unit)
         if quota is not None:  # rows without steps are left to the final refit
@@ -399,10 +405,11 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
         unit_end = None
         if seconds is not None:
             left = seconds - (time.perf_counter() - begin)
-            if left <= 0:
+            if left <= least:  # not even the steps every batch takes: leave it to the refit
                 break
             unit_end = time.perf_counter() + left * unit_rows / (len(order) - done_rows)
         done_rows += unit_rows
+        unit_start = time.perf_counter()
         ids = [torch.tensor(batch, device=w0.device) for batch in unit]
         batches = [RowsRefit(h, w0[i], mask[i]) for i in ids]
         width = block_size // len(batches)
@@ -412,8 +419,8 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
         recent = torch.zeros(len(ids[0]), patience, dtype=torch.bool)  # last steps, a ring
         visited += sum(len(i) for i in ids)
         done = 0
-        while len(ids[0]) and (unit_end is None or done < min_steps
-                               or time.perf_counter() < unit_end):
+        while len(ids[0]) and (unit_end is None or time.perf_counter() < unit_end or (
+                done < min_steps and time.perf_counter() < begin + seconds)):
             blocks = [choose_blocks(b, groups, width, gen) for b in batches]
             ok, _ = refit_step(batches, blocks, groups, solver, gen)
             ok = ok.cpu()
@@ -421,6 +428,8 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
             recent[torch.arange(len(ok)), count % patience] = ok
             count += 1
             done += 1
+            if done == min_steps:
+                least = time.perf_counter() - unit_start
             rejected = torch.where(ok, 0, rejected + 1)
             leaving = rejected >= patience
             if limit is not None:
@@ -442,11 +451,12 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
         late_steps += int(count.clamp_max(patience).sum())
         late_accepts += int(recent.sum())
         _write_rows(batches, ids, torch.arange(len(ids[0])), weight, mask, reached)
+    seconds_used = time.perf_counter() - begin
     rest = (~reached).nonzero().squeeze(1)
-    if len(rest):  # rows the budget did not reach: refit on their mask all the same
-        weight[rest] = least_squares_update(weight0[rest], h.float(), mask[rest], damp=0.0,
-                                            start=start[rest]).double()
+    if len(rest):  # rows the budget did not reach
+        weight[rest] = start[rest].double() if not refit_unreached else least_squares_update(
+            weight0[rest], h.float(), mask[rest], damp=0.0, start=start[rest]).double()
     return RefitResult(weight=(weight * mask).float(), mask=mask, steps=taken,
                        accepted=accepted, rows_visited=visited, rows_settled=settled,
                        late_acceptance=late_accepts / max(late_steps, 1),
-                       seconds=time.perf_counter() - begin)
+                       seconds=seconds_used)
