@@ -96,10 +96,11 @@ def improve_layer(
     block_size = capped_block_size(block_size, block_solver)
     start_errors = reconstruction_error(w0, current * mask, hessian)
     if objective == "refit":
+        same_ridge = damp == mask_damp  # the steps' own refit weights are the result
         refit = improve_rows(w0, hessian, mask, start=current * mask, pattern=pattern,
                              block_size=block_size, solver=block_solver, seed=seed, damp=mask_damp,
-                             seconds=seconds, steps=steps, refit_unreached=damp == mask_damp)
-        weight = refit.weight if damp == mask_damp else least_squares_update(
+                             seconds=seconds, steps=steps, refit_unreached=same_ridge)
+        weight = refit.weight if same_ridge else least_squares_update(
             w0, hessian, refit.mask, damp, start=refit.weight.float())
         return LayerResult(
             weight=weight, mask=refit.mask, error_before=float(start_errors.sum()),

@@ -362,13 +362,12 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
     budget but, while the budget lasts, at least `min_steps` steps (so a small time budget
     reaches fewer rows rather than spending itself on their set-up), and no batch starts
     when what is left is less than the last one took for its set-up and those steps; the
-    budget is overrun by at most one step. A row leaves its batch after
-    `patience` rejected steps in a row. `steps` counts block steps of single rows (a row
-    pair's step counts once), shared out equally. For `unstructured` the rows go in pairs,
-    the worst with the best, sharing one count, so that sparsity moves to where it costs
-    least. The error is
-    (w - w0)^T (H + damp * mean(diag H) I) (w - w0); rows the budget does not reach are
-    refit on their mask all the same (or, without `refit_unreached`, keep `start`), after
+    budget is overrun by at most one step. A row leaves its batch after `patience` rejected
+    steps in a row. `steps` counts block steps of single rows (a row pair's step counts
+    once), shared out equally. For `unstructured` the rows go in pairs, the worst with the
+    best, sharing one count, so that sparsity moves to where it costs least. The error is
+    (w - w0)^T (H + damp * mean(diag H) I) (w - w0). Rows the budget does not reach are
+    refit on their mask all the same (or, without `refit_unreached`, keep `start`) after
     the budget: `seconds` leaves that refit out."""
     rows, cols = weight0.shape
     h = hessian.double()

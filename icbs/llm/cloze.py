@@ -19,6 +19,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..checks import integer_at_least, output_directory
 from .data import read_text
 
 SENTENCE_END = re.compile(r"^(?P<word>[A-Za-z]+)[.!?]+[\"'\u2019\u201d)]*$")
@@ -78,14 +79,12 @@ def make_cloze(paths: Sequence[str | Path], out: str | Path, *, name: str = "clo
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
         raise ValueError(f"task name {name!r} must be letters, digits and _, starting with a "
                          f"letter")
-    if not (isinstance(items, int) and items >= 1):
-        raise ValueError(f"--items must be an integer >= 1, got {items!r}")
+    integer_at_least("--items", items, 1)
     if not 1 <= min_context <= max_context:
         raise ValueError(f"need 1 <= min_context <= max_context, got {min_context}, "
                          f"{max_context}")
+    output_directory("--out", out)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is an existing file; give a directory")
     candidates, found = [], {}
     for path in paths:
         words = read_text([path]).split()
