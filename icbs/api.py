@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -9,9 +10,13 @@ from typing import Any
 from torch import nn
 
 from icbs.budget import Budget
-from icbs.calibration import LossFn
+from icbs.calibration import LossFn, load_batches
+from icbs.layer_pruning import LayerPruner, SequentialSettings
+from icbs.layers import find_prunable
+from icbs.masks import parse_pattern
 from icbs.pruner import Pruner, check_checkpoint_path
 from icbs.report import Report
+from icbs.sequential import prune_in_stages
 from icbs.settings import Settings
 from icbs.solver_choice import solver_label
 
@@ -53,3 +58,48 @@ def prune(
         return pruner.run(budget, checkpoint=checkpoint, progress=progress)
     finally:
         pruner.finish()
+
+
+def prune_layer_by_layer(
+    model: nn.Module,
+    calibration: Iterable,
+    *,
+    sparsity: float,
+    method: str = "icbs",
+    progress: bool = False,
+    **settings: Any,
+) -> dict:
+    """Prune `model` in place one stage of layers at a time (`icbs.sequential`), each layer
+    on the inputs of the model pruned so far, and return the run's report (settings, one
+    record per layer with its reconstruction error before and after, sparsity, seconds).
+
+    method: magnitude, wanda, sparsegpt, alps, or icbs (block steps on each layer's
+        reconstruction error from `init`, `objective` "layerwise" or "refit", `budget`
+        seconds of steps over the whole model).
+    calibration: `(inputs, targets)` batches as for `prune` (the targets are not used).
+    Other keywords are `icbs.layer_pruning.SequentialSettings` fields. On any error the
+    model is handed back unchanged.
+    """
+    tic = time.perf_counter()
+    config = SequentialSettings(sparsity=sparsity, method=method, **settings)
+    pattern = parse_pattern(config.pattern)
+    layers = find_prunable(model, config.include, config.exclude, pattern, config.sparsity)
+    batches = load_batches(calibration, layers[0].w0.device)
+    pruner = LayerPruner(config, sum(layer.numel for layer in layers))
+    was_training = model.training
+    model.eval()
+    try:
+        records = prune_in_stages(model, batches, layers, pruner,
+                                  needs_statistics=config.needs_calibration, progress=progress)
+    except BaseException:
+        for layer in layers:
+            layer.restore_dense()
+        raise
+    finally:
+        model.train(was_training)
+    total = sum(layer.numel for layer in layers)
+    pruned = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in records)
+    return {"settings": config.to_dict(), "layers": records, "prunable_weights": total,
+            "sparsity": pruned / total, "masks": pruner.masks,
+            "seconds": time.perf_counter() - tic,
+            "budget_used": sum(r.get("seconds_steps", 0.0) for r in records)}

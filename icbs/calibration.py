@@ -56,22 +56,38 @@ def check_forward(model: nn.Module, layers: list[PrunableLayer], batches: list,
         raise ValueError(f"the dense model's loss on calibration batch 0 is {float(loss)}")
 
 
+class _StopForward(Exception):
+    """Raised once the last layer whose inputs a pass needs has run."""
+
+
 def input_statistics(
-    model: nn.Module, layers: list[PrunableLayer], batches: list
+    model: nn.Module, layers: list[PrunableLayer], batches: list, stop_after: bool = False
 ) -> dict[str, InputCovariance]:
-    """X X^T / tokens of every layer's inputs over the calibration batches (no gradients)."""
+    """X X^T / tokens of every layer's inputs over the calibration batches (no gradients).
+    With `stop_after`, each forward pass stops once every layer has run (the layers must
+    all be called in every pass)."""
     stats = {
         layer.name: InputCovariance(layer.shape[1], layer.w0.device) for layer in layers
     }
+    pending: set[str] = set()
 
     def hook(layer: PrunableLayer):
-        return lambda module, args, out: stats[layer.name].add_batch(input_matrix(module, args[0]))
+        def add(module, args, out):
+            stats[layer.name].add_batch(input_matrix(module, args[0]))
+            pending.discard(layer.name)
+            if stop_after and not pending:
+                raise _StopForward
+        return add
 
     handles = [layer.module.register_forward_hook(hook(layer)) for layer in layers]
     try:
         with torch.no_grad():
             for inputs, _ in batches:
-                model(inputs)
+                pending.update(stats)
+                try:
+                    model(inputs)
+                except _StopForward:
+                    pass
     finally:
         for h in handles:
             h.remove()

@@ -1,0 +1,84 @@
+"""Layer-by-layer pruning of any model: each stage of layers is pruned on the inputs that
+the model pruned so far gives it.
+
+A stage is the prunable layers under one element of a `nn.ModuleList` (a transformer block,
+a residual block); a layer outside every ModuleList (a stem, a head) is a stage of its own.
+Stages are taken in the order the forward pass first reaches them. For each stage one pass
+over the calibration batches, stopped once the stage's last layer has run, accumulates
+X X^T of its layers' inputs (Conv2d inputs unfolded into patches); then each layer is pruned
+by the callback. `icbs.llm.sequential` is the same idea for causal LMs, running one decoder
+block at a time on captured block inputs instead of the model from its start.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import input_statistics
+from .layer_stats import InputCovariance
+from .layers import PrunableLayer
+
+logger = logging.getLogger(__name__)
+
+LayerCallback = Callable[[str, nn.Module, "InputCovariance | None"], dict]
+
+
+def _stage_of(name: str, list_prefixes: Sequence[str]) -> str:
+    """The deepest ModuleList element `name` lies under, else `name` itself."""
+    best = ""
+    for prefix in list_prefixes:
+        if name.startswith(prefix + ".") and len(prefix) > len(best):
+            best = prefix
+    if not best:
+        return name
+    return best + "." + name[len(best) + 1:].split(".")[0]
+
+
+@torch.no_grad()
+def stages(model: nn.Module, layers: Sequence[PrunableLayer],
+           inputs: torch.Tensor) -> list[list[PrunableLayer]]:
+    """The layers grouped into stages, in the order a forward pass on `inputs` first calls
+    them."""
+    order: list[str] = []
+    handles = [layer.module.register_forward_hook(
+        lambda module, args, out, name=layer.name: order.append(name)) for layer in layers]
+    try:
+        model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    by_name = {layer.name: layer for layer in layers}
+    missing = [name for name in by_name if name not in order]
+    if missing:
+        raise ValueError(f"layers never used in the model's forward pass: {missing}; exclude "
+                         "them")
+    lists = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
+    grouped: dict[str, list[PrunableLayer]] = {}
+    for name in dict.fromkeys(order):
+        grouped.setdefault(_stage_of(name, lists), []).append(by_name[name])
+    return list(grouped.values())
+
+
+@torch.no_grad()
+def prune_in_stages(model: nn.Module, batches: list, layers: Sequence[PrunableLayer],
+                    prune_layer: LayerCallback, *, needs_statistics: bool = True,
+                    progress: bool = False) -> list[dict]:
+    """Prune `layers` stage by stage (see the module docstring); `prune_layer(name, module,
+    statistics)` rewrites `module.weight` and returns a record. Without `needs_statistics`
+    no calibration pass is made and statistics are None. Returns the records in order, each
+    with the layer's name added."""
+    records = []
+    groups = stages(model, layers, batches[0][0])
+    for index, group in enumerate(tqdm(groups, desc="stages", disable=not progress)):
+        stats = (input_statistics(model, group, batches, stop_after=True) if needs_statistics
+                 else {})
+        for layer in group:
+            records.append({"name": layer.name,
+                            **prune_layer(layer.name, layer.module, stats.get(layer.name))})
+        logger.info("pruned stage %d/%d (%d layers)", index + 1, len(groups), len(group))
+    return records
