@@ -83,7 +83,8 @@ def prune_layer_by_layer(
     tic = time.perf_counter()
     config = SequentialSettings(sparsity=sparsity, method=method, **settings)
     pattern = parse_pattern(config.pattern)
-    layers = find_prunable(model, config.include, config.exclude, pattern, config.sparsity)
+    layers = find_prunable(model, config.include, config.exclude, pattern, config.sparsity,
+                           grouped=True)
     batches = load_batches(calibration, layers[0].w0.device)
     pruner = LayerPruner(config, sum(layer.numel for layer in layers))
     was_training = model.training

@@ -62,18 +62,26 @@ class _StopForward(Exception):
 
 def input_statistics(
     model: nn.Module, layers: list[PrunableLayer], batches: list, stop_after: bool = False
-) -> dict[str, InputCovariance]:
-    """X X^T / tokens of every layer's inputs over the calibration batches (no gradients).
-    With `stop_after`, each forward pass stops once every layer has run (the layers must
-    all be called in every pass)."""
-    stats = {
-        layer.name: InputCovariance(layer.shape[1], layer.w0.device) for layer in layers
-    }
+) -> dict[str, InputCovariance | list[InputCovariance]]:
+    """X X^T / tokens of every layer's inputs over the calibration batches (no gradients);
+    a list of them, one per group, for a grouped convolution. With `stop_after`, each
+    forward pass stops once every layer has run (the layers must all be called in every
+    pass)."""
+    stats = {}
+    for layer in layers:
+        groups = getattr(layer.module, "groups", 1)
+        made = [InputCovariance(layer.shape[1], layer.w0.device) for _ in range(groups)]
+        stats[layer.name] = made if groups > 1 else made[0]
     pending: set[str] = set()
 
     def hook(layer: PrunableLayer):
         def add(module, args, out):
-            stats[layer.name].add_batch(input_matrix(module, args[0]))
+            x = input_matrix(module, args[0])
+            if isinstance(stats[layer.name], list):
+                for g, cov in enumerate(stats[layer.name]):
+                    cov.add_batch(x[..., g * layer.shape[1]:(g + 1) * layer.shape[1]])
+            else:
+                stats[layer.name].add_batch(x)
             pending.discard(layer.name)
             if stop_after and not pending:
                 raise _StopForward

@@ -94,7 +94,11 @@ class LayerPruner:
         return w0 * mask, mask
 
     @torch.no_grad()
-    def __call__(self, name: str, module: nn.Module, cov: InputCovariance | None) -> dict:
+    def __call__(self, name: str, module: nn.Module,
+                 cov: InputCovariance | list[InputCovariance] | None) -> dict:
+        """Prune `module` given its input statistics (a list, one per group, for a grouped
+        convolution: each group of output channels is pruned on its own inputs, with the
+        pattern's counts per group)."""
         if self.stop_requested:
             raise Interrupted(name)
         if name in self.restored:
@@ -108,12 +112,32 @@ class LayerPruner:
             self.on_layer(name, module.weight, self.masks[name], record)
         return record
 
-    def _prune(self, name: str, module: nn.Module, cov: InputCovariance | None) -> dict:
-        s = self.settings
+    def _prune(self, name: str, module: nn.Module,
+               cov: InputCovariance | list[InputCovariance] | None) -> dict:
         w0 = module.weight.detach().float().reshape(module.weight.shape[0], -1)
+        if isinstance(cov, list):  # a grouped convolution: one problem per group of rows
+            rows = w0.shape[0] // len(cov)
+            parts = [self._solve(name, w0[g * rows:(g + 1) * rows], c) for g, c in enumerate(cov)]
+            weight = torch.cat([p[0] for p in parts])
+            mask = torch.cat([p[1] for p in parts])
+            record = {key: sum(p[2][key] for p in parts) for key in parts[0][2]
+                      if key != "convergence"}
+            record["groups"] = len(cov)
+        else:
+            weight, mask, record = self._solve(name, w0, cov)
+        record["shape"] = list(w0.shape)
+        module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.dtype))
+        self.masks[name] = mask.cpu()
+        record["sparsity"] = 1.0 - float(mask.float().mean())
+        record["zeros"] = float((module.weight == 0).float().mean())
+        return record
+
+    def _solve(self, name: str, w0: torch.Tensor, cov: InputCovariance | None):
+        """(weight with zeros where pruned, mask, record) of one weight matrix."""
+        s = self.settings
         tic = time.perf_counter()
         weight, mask = self._start(w0, cov)
-        record = {"shape": list(w0.shape), "seconds_start": time.perf_counter() - tic}
+        record = {"seconds_start": time.perf_counter() - tic}
         hessian = cov.hessian if cov is not None else None
         if hessian is not None:
             record["error_before"] = float(reconstruction_error(w0, weight, hessian).sum())
@@ -139,8 +163,4 @@ class LayerPruner:
         weight = weight * mask
         if hessian is not None:
             record["error_after"] = float(reconstruction_error(w0, weight, hessian).sum())
-        module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.dtype))
-        self.masks[name] = mask.cpu()
-        record["sparsity"] = 1.0 - float(mask.float().mean())
-        record["zeros"] = float((module.weight == 0).float().mean())
-        return record
+        return weight, mask, record

@@ -59,20 +59,22 @@ def find_prunable(
     exclude: tuple[str, ...] = (),
     pattern: Pattern | None = None,
     sparsity: float | None = None,
+    grouped: bool = False,
 ) -> list[PrunableLayer]:
     """Linear and Conv2d layers of `model` whose names match `include` (all when empty) and
     none of `exclude` (shell-style wildcards). Raises when none is left or a weight is not
     finite, when the pattern does not fit a layer's shape, or when the sparsity would prune
-    whole groups of it (`check_layer`)."""
+    whole groups of it (`check_layer`). Grouped convolutions are refused unless `grouped`."""
     layers = []
     for name, module in model.named_modules():
         if not isinstance(module, PRUNABLE_TYPES):
             continue
         if include and not _matches(name, include) or _matches(name, exclude):
             continue
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
+        if isinstance(module, nn.Conv2d) and module.groups != 1 and not grouped:
             raise ValueError(f"{name}: grouped convolutions (groups={module.groups}) are not "
-                             "supported; exclude this layer")
+                             "supported here; exclude this layer, or prune layer by layer "
+                             "(icbs.prune_layer_by_layer)")
         w0 = module.weight.detach().reshape(module.weight.shape[0], -1).clone()
         check_layer(name, w0, pattern, sparsity)
         mask = torch.ones_like(w0, dtype=torch.bool)
@@ -85,7 +87,8 @@ def find_prunable(
 
 
 def input_matrix(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer input as (samples, positions, cols), cols matching the weight matrix."""
+    """The layer input as (samples, positions, cols), cols matching the weight matrix (for a
+    grouped convolution, those of every group one after the other)."""
     if isinstance(module, nn.Conv2d):
         cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
         return cols.transpose(1, 2)

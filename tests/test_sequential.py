@@ -174,3 +174,23 @@ def test_bad_settings_are_refused_before_any_weight_changes(kwargs, message):
     with pytest.raises(ValueError, match=message):
         icbs.prune_layer_by_layer(model, _images(8), **{"sparsity": 0.5, **kwargs})
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_depthwise_convolution_is_pruned_group_by_group_on_its_own_inputs():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, groups=3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(6 * 8 * 8, 4))
+    w = net[0].weight.detach().reshape(6, 9).clone()
+    x = torch.randn(20, 3, 8, 8)
+    report = icbs.prune_layer_by_layer(net, [(x, x)], sparsity=0.5, method="sparsegpt",
+                                       pattern="unstructured", include=("0",),
+                                       sparsegpt_columns=3)
+    for g in range(3):
+        patches = F.unfold(x[:, g:g + 1], 3, padding=1).transpose(1, 2).reshape(-1, 9)
+        expected, _ = sparsegpt_prune(w[2 * g:2 * g + 2], patches.T @ patches / len(patches),
+                                      0.5, "unstructured", 3, 0.01)
+        torch.testing.assert_close(net[0].weight.reshape(6, 9)[2 * g:2 * g + 2], expected,
+                                   rtol=1e-4, atol=1e-6)
+    assert report["layers"][0]["groups"] == 3
+    with pytest.raises(ValueError, match="grouped convolutions"):
+        icbs.Pruner(net, [(x, torch.zeros(20, dtype=torch.long))], icbs.Settings(sparsity=0.5))
