@@ -5,7 +5,8 @@ The dense models are trained once (seeded, cached; `icbs.vision.train.RECIPES`).
 prunes a copy on calibration images drawn from the training set by the run's seed:
 the one-shot methods layer by layer on the inputs of the model pruned so far
 (`icbs.prune_layer_by_layer`); `icbs-fisher` with the Fisher objective over the whole model
-from Wanda's mask, as the paper prunes DeiT (`icbs.Pruner`; its budgets are read off one run
+from Wanda's mask, as the paper prunes DeiT, on the first `--fisher-samples` calibration
+images, since every step runs the model on them (`icbs.Pruner`; its budgets are read off one run
 of the longest, the accuracy measured when the step time passes each budget); `icbs-refit`
 layer by layer from ALPS's mask, every block scored by the layer error after the refit of
 the kept weights (one run per budget). The patch embedding / stem convolution and the head
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from icbs import Budget, Pruner, Settings, prune_layer_by_layer
+from icbs.batchnorm import recalibrate_batchnorm
 from icbs.report import write_csv
 from icbs.vision.data import DEFAULT_DIR, load_fashion_mnist
 from icbs.vision.train import RECIPES, VisionRecipe, accuracy, trained_model
@@ -63,28 +65,45 @@ def calibration(data, size: int, seed: int, batch: int = 128) -> list[tuple]:
             for i in range(0, size, batch)]
 
 
+def fisher_batches(calib: list[tuple], samples: int) -> list[tuple]:
+    """The first `samples` calibration images: every Fisher step re-runs the model on them."""
+    x = torch.cat([b[0] for b in calib])[:samples]
+    y = torch.cat([b[1] for b in calib])[:samples]
+    return [(x, y)]
+
+
 def run_key(model, method, pattern, sparsity, budget, seed) -> tuple:
     """What identifies a run in the CSV (rows already there are not run again)."""
     return (model, method, pattern, f"{float(sparsity):g}", f"{float(budget):g}", str(seed))
+
+
+def test_accuracy(model, data, calib, recalibrate: bool) -> float:
+    """Top-1 test accuracy; with `recalibrate`, of a copy whose BatchNorm statistics were
+    re-estimated on the calibration images first."""
+    if recalibrate:
+        model = copy.deepcopy(model)
+        recalibrate_batchnorm(model, calib)
+    return accuracy(model, data.x_test, data.y_test)
 
 
 def summed_error(report: dict) -> float:
     return sum(layer.get("error_after", 0.0) for layer in report["layers"])
 
 
-def layer_by_layer(dense, calib, data, method: str, common: dict, **extra) -> dict:
+def layer_by_layer(dense, calib, data, method: str, common: dict, recalibrate: bool,
+                   **extra) -> dict:
     model = copy.deepcopy(dense)
     tic = time.perf_counter()
     report = prune_layer_by_layer(model, calib, method=method, **common, **extra)
     seconds = time.perf_counter() - tic
     steps = sum(layer.get("steps", 0) for layer in report["layers"])
     accepted = sum(layer.get("accepted", 0) for layer in report["layers"])
-    return dict(prune_seconds=seconds, test_acc=accuracy(model, data.x_test, data.y_test),
+    return dict(prune_seconds=seconds, test_acc=test_accuracy(model, data, calib, recalibrate),
                 layer_error=summed_error(report), steps=steps, accepted=accepted)
 
 
-def fisher_curve(dense, calib, data, common: dict, budgets: list[float],
-                 block_size: int) -> list[dict]:
+def fisher_curve(dense, calib, data, common: dict, budgets: list[float], block_size: int,
+                 recalibrate: bool) -> list[dict]:
     """One Fisher-objective iCBS run to the longest budget; accuracy as each budget passes."""
     model = copy.deepcopy(dense)
     settings = Settings(objective="fisher", init="wanda", block_size=block_size,
@@ -98,7 +117,7 @@ def fisher_curve(dense, calib, data, common: dict, budgets: list[float],
     def at_mark(p: Pruner, _record=None) -> None:
         while marks and p.elapsed >= marks[0]:
             rows.append(dict(budget=marks.pop(0), prune_seconds=init + p.elapsed,
-                             test_acc=accuracy(model, data.x_test, data.y_test),
+                             test_acc=test_accuracy(model, data, calib, recalibrate),
                              steps=len(p.trace), accepted=sum(r.accepted for r in p.trace)))
         if not marks:
             p.stop()
@@ -108,7 +127,7 @@ def fisher_curve(dense, calib, data, common: dict, budgets: list[float],
     at_mark(pruner)
     for budget in marks:  # the budget ran out between steps: the final state
         rows.append(dict(budget=budget, prune_seconds=init + pruner.elapsed,
-                         test_acc=accuracy(model, data.x_test, data.y_test),
+                         test_acc=test_accuracy(model, data, calib, recalibrate),
                          steps=len(pruner.trace),
                          accepted=sum(r.accepted for r in pruner.trace)))
     return rows
@@ -130,18 +149,20 @@ def runs_for(arch: str, dense, data, args, done: set) -> list[dict]:
             for method in ONE_SHOT:
                 if fresh(method, 0):
                     rows.append(dict(base, method=method, init="-", budget=0,
-                                     **layer_by_layer(dense, calib, data, method, common)))
+                                     **layer_by_layer(dense, calib, data, method, common,
+                                                      args.recalibrate_bn)))
             todo = [b for b in args.budgets if fresh("icbs-fisher", b)]
             if todo:
-                for row in fisher_curve(dense, calib, data, common, todo, args.block_size):
+                for row in fisher_curve(dense, fisher_batches(calib, args.fisher_samples), data,
+                                        common, todo, args.block_size, args.recalibrate_bn):
                     rows.append(dict(base, method="icbs-fisher", init="wanda",
                                      layer_error="", **row))
             for budget in args.budgets:
                 if fresh("icbs-refit", budget):
                     rows.append(dict(base, method="icbs-refit", init="alps", budget=budget,
                                      **layer_by_layer(dense, calib, data, "icbs", common,
-                                                      init="alps", objective="refit",
-                                                      budget=budget,
+                                                      args.recalibrate_bn, init="alps",
+                                                      objective="refit", budget=budget,
                                                       block_size=args.refit_block_size)))
             print(f"{arch} {setting} seed {seed}: " + ", ".join(
                 f"{r['method']}@{r['budget']:g} {100 * r['test_acc']:.2f}"
@@ -206,10 +227,15 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[10, 40],
                         help="iCBS seconds of block steps")
     parser.add_argument("--calib-size", type=int, default=512)
+    parser.add_argument("--fisher-samples", type=int, default=128,
+                        help="calibration images of the Fisher objective (the first ones)")
     parser.add_argument("--block-size", type=int, default=64, help="Fisher iCBS block size")
     parser.add_argument("--refit-block-size", type=int, default=32)
     parser.add_argument("--prune-ends", action="store_true",
                         help="also prune the patch embedding / stem and the head")
+    parser.add_argument("--recalibrate-bn", action="store_true",
+                        help="re-estimate BatchNorm statistics on the calibration images after "
+                             "pruning, for every method")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="experiments/results/vision")
@@ -224,7 +250,9 @@ def main() -> None:
         data.x_test, data.y_test = data.x_test[:500], data.y_test[:500]
         args.settings = args.settings or ["unstructured@0.5"]
         args.seeds, args.budgets, args.calib_size = args.seeds[:1], [1.0], 128
-    csv_path = out / ("quality_time_quick.csv" if args.quick else "quality_time.csv")
+    name = "quality_time" + ("_bn" if args.recalibrate_bn else "") + ("_quick" if args.quick
+                                                                       else "")
+    csv_path = out / f"{name}.csv"
     rows = list(csv.DictReader(csv_path.open())) if csv_path.exists() else []
     done = {run_key(*(r[k] for k in ("model", "method", "pattern", "sparsity", "budget",
                                       "seed"))) for r in rows}

@@ -194,3 +194,21 @@ def test_a_depthwise_convolution_is_pruned_group_by_group_on_its_own_inputs():
     assert report["layers"][0]["groups"] == 3
     with pytest.raises(ValueError, match="grouped convolutions"):
         icbs.Pruner(net, [(x, torch.zeros(20, dtype=torch.long))], icbs.Settings(sparsity=0.5))
+
+
+def test_batchnorm_recalibration_uses_the_statistics_of_the_pruned_inputs():
+    from icbs.batchnorm import recalibrate_batchnorm
+
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Dropout(0.5),
+                        nn.Flatten(), nn.Linear(3 * 6 * 6, 2)).eval()
+    x = torch.randn(10, 2, 8, 8)
+    with torch.no_grad():
+        net[0].weight[:, :, 0] = 0  # "pruned"
+        pre = net[0](x)
+    assert recalibrate_batchnorm(net, [(x, None)]) == 1
+    torch.testing.assert_close(net[1].running_mean, pre.mean((0, 2, 3)))
+    torch.testing.assert_close(net[1].running_var, pre.transpose(0, 1).reshape(3, -1).var(1))
+    assert not net.training and not net[1].training and net[1].momentum == 0.1
+    out = net(x)  # eval mode: deterministic, dropout off
+    torch.testing.assert_close(out, net(x))
