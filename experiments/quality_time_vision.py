@@ -133,12 +133,13 @@ def fisher_curve(dense, calib, data, common: dict, budgets: list[float], block_s
     return rows
 
 
-def runs_for(arch: str, dense, data, args, done: set) -> list[dict]:
-    rows = []
+def runs_for(arch: str, dense, data, args, done: set):
+    """The rows of every run not yet `done`, a list per setting and seed."""
     for setting in args.settings or SETTINGS[arch]:
         pattern, sparsity = parse_setting(setting)
         seeds = args.seeds if sparsity in args.seeded or not args.seeded else args.seeds[:1]
         for seed in seeds:
+            rows = []
             calib = calibration(data, args.calib_size, seed)
             common = dict(sparsity=sparsity, pattern=pattern, seed=seed,
                           exclude=() if args.prune_ends else ENDS[arch])
@@ -165,10 +166,9 @@ def runs_for(arch: str, dense, data, args, done: set) -> list[dict]:
                                                       objective="refit", budget=budget,
                                                       block_size=args.refit_block_size)))
             print(f"{arch} {setting} seed {seed}: " + ", ".join(
-                f"{r['method']}@{r['budget']:g} {100 * r['test_acc']:.2f}"
-                for r in rows if r["seed"] == seed and r["sparsity"] == sparsity
-                and r["pattern"] == pattern), flush=True)
-    return rows
+                f"{r['method']}@{r['budget']:g} {100 * r['test_acc']:.2f}" for r in rows),
+                flush=True)
+            yield rows
 
 
 def medians(rows: list[dict]) -> list[dict]:
@@ -267,8 +267,10 @@ def main() -> None:
             print(f"{arch}: dense test accuracy {100 * float(rows[-1]['test_acc']):.2f}% "
                   f"(training {record['train_seconds']:.0f} s, now {time.perf_counter() - tic:.0f}"
                   " s)", flush=True)
-        rows += runs_for(arch, dense, data, args, done)
         write_csv(csv_path, [{k: r.get(k, "") for k in FIELDS} for r in rows])
+        for fresh_rows in runs_for(arch, dense, data, args, done):
+            rows += fresh_rows
+            write_csv(csv_path, [{k: r.get(k, "") for k in FIELDS} for r in rows])
     summary = medians(rows)
     write_csv(out / csv_path.name.replace(".csv", "_medians.csv"), summary)
     plot(summary, out / csv_path.name.replace(".csv", ".png"))

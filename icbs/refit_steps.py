@@ -166,9 +166,11 @@ class RowsRefit:
         if pruned.shape[1] == u:
             out = torch.zeros(batch, k + u, dtype=torch.bool, device=device).scatter_(1, p, True)
             replaced, newcomer = out[:, :k], ~out[:, k:]
-            slots = torch.argsort((~replaced).to(torch.int8), dim=1, stable=True)[:, :u]
-            comers = torch.argsort((~newcomer).to(torch.int8), dim=1, stable=True)
-            valid = torch.arange(u, device=device) < newcomer.sum(1, keepdim=True)
+            # as many newcomers as replaced kept weights: at most min(k, u) of either
+            m = min(k, u)
+            slots = torch.argsort((~replaced).to(torch.int8), dim=1, stable=True)[:, :m]
+            comers = torch.argsort((~newcomer).to(torch.int8), dim=1, stable=True)[:, :m]
+            valid = torch.arange(m, device=device) < newcomer.sum(1, keepdim=True)
             s_pos = torch.arange(k, device=device).expand(batch, k).clone().scatter_(
                 1, slots, torch.where(valid, k + comers, slots))
         else:

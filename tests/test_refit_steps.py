@@ -239,3 +239,24 @@ def test_unstructured_rows_trade_sparsity_and_keep_the_layer_count():
         torch.testing.assert_close(result.weight[r].double(), weight, rtol=1e-4, atol=1e-5)
         final += error
     assert final < start
+
+
+def test_a_step_on_a_row_with_fewer_kept_weights_than_its_block_adds_is_exact():
+    cols = 32
+    h = _hessian(cols, 64, seed=12)
+    w0 = torch.randn(2, cols, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    keep = torch.zeros(2, cols, dtype=torch.bool)
+    keep[:, [3, 17, 29]] = True  # k = 3, while a 16-weight block adds 8 pruned ones
+    rows = RowsRefit(h, w0, keep)
+    groups = torch.zeros(cols, dtype=torch.long)
+    solver = get_solver("anneal")
+    gen = torch.Generator().manual_seed(1)
+    accepted = 0
+    for _ in range(10):
+        ok, _ = refit_step([rows], [choose_blocks(rows, groups, 16, gen)], groups, solver, gen)
+        accepted += int(ok.sum())
+        truth = torch.tensor([_refit_error(h, w0[r], rows.keep[r])[0] for r in range(2)],
+                             dtype=torch.float64)
+        torch.testing.assert_close(rows.error, truth, rtol=1e-8, atol=0)
+        assert torch.equal(rows.keep.sum(1), torch.tensor([3, 3]))
+    assert accepted > 0
