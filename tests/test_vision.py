@@ -82,3 +82,40 @@ def test_the_vision_experiment_runs_in_quick_mode(tmp_path):
         if r["method"] in ("sparsegpt", "alps", "icbs-refit"):
             assert float(r["layer_error"]) > 0
     assert (tmp_path / "out" / "quality_time_quick.png").stat().st_size > 0
+
+
+def test_efficientnet_lite0_knows_the_photos_and_is_pruned_with_its_depthwise_convolutions():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("skimage")
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        from fidelity_efficientnet import (
+            fidelity,
+            load_efficientnet_lite0,
+            log_probs,
+            photo,
+            random_crops,
+        )
+    finally:
+        sys.path.pop(0)
+    import torch.nn.functional as F
+
+    import icbs
+
+    model = load_efficientnet_lite0()
+    whole = torch.stack([F.interpolate(photo(name)[None], size=(224, 224), mode="bilinear",
+                                       antialias=True)[0] for name in ("chelsea", "coffee")])
+    # ImageNet classes 285 (Egyptian cat) and 967 (espresso), as the issue checked
+    assert log_probs(model, (whole - 0.5) / 0.5).argmax(1).tolist() == [285, 967]
+    crops = random_crops(["astronaut", "camera"], 4, seed=0)
+    assert crops.shape == (4, 3, 224, 224)
+    dense = log_probs(model, crops)
+    assert fidelity(dense, dense) == (1.0, pytest.approx(0.0, abs=1e-6))
+    report = icbs.prune_layer_by_layer(model, [(crops, torch.zeros(4))], sparsity=0.3,
+                                       method="sparsegpt", include=("_blocks.1.*",))
+    names = [r["name"] for r in report["layers"]]
+    assert names == ["_blocks.1._expand_conv", "_blocks.1._depthwise_conv",
+                     "_blocks.1._project_conv"]
+    assert report["layers"][1]["groups"] == 96
+    agreement, kl = fidelity(dense, log_probs(model, crops))
+    assert kl > 0
