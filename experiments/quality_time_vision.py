@@ -41,6 +41,7 @@ from icbs.vision.train import RECIPES, VisionRecipe, accuracy, trained_model
 FIELDS = ["model", "method", "init", "pattern", "sparsity", "budget", "seed", "prune_seconds",
           "test_acc", "layer_error", "steps", "accepted"]
 ONE_SHOT = ["magnitude", "wanda", "sparsegpt", "alps"]
+METHODS = [*ONE_SHOT, "icbs-fisher", "icbs-refit"]
 ENDS = {"vit": ("patch_embed.*", "head"), "resnet": ("conv1", "fc")}
 SETTINGS = {"vit": ["unstructured@0.5", "unstructured@0.6", "unstructured@0.7",
                     "unstructured@0.8", "2:4"],
@@ -148,22 +149,24 @@ def runs_for(arch: str, dense, data, args, done: set):
                 return run_key(where[0], method, *where[1:3], budget, where[3]) not in done
 
             for method in ONE_SHOT:
-                if fresh(method, 0):
+                if method in args.methods and fresh(method, 0):
                     rows.append(dict(base, method=method, init="-", budget=0,
                                      **layer_by_layer(dense, calib, data, method, common,
                                                       args.recalibrate_bn)))
-            todo = [b for b in args.budgets if fresh("icbs-fisher", b)]
+            todo = [b for b in args.budgets
+                    if "icbs-fisher" in args.methods and fresh("icbs-fisher", b)]
             if todo:
                 for row in fisher_curve(dense, fisher_batches(calib, args.fisher_samples), data,
                                         common, todo, args.block_size, args.recalibrate_bn):
                     rows.append(dict(base, method="icbs-fisher", init="wanda",
                                      layer_error="", **row))
             for budget in args.budgets:
-                if fresh("icbs-refit", budget):
+                if "icbs-refit" in args.methods and fresh("icbs-refit", budget):
                     rows.append(dict(base, method="icbs-refit", init="alps", budget=budget,
                                      **layer_by_layer(dense, calib, data, "icbs", common,
                                                       args.recalibrate_bn, init="alps",
                                                       objective="refit", budget=budget,
+                                                      mask_damp=args.mask_damp,
                                                       block_size=args.refit_block_size)))
             print(f"{arch} {setting} seed {seed}: " + ", ".join(
                 f"{r['method']}@{r['budget']:g} {100 * r['test_acc']:.2f}" for r in rows),
@@ -218,6 +221,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEFAULT_DIR), help="Fashion-MNIST IDX directory")
     parser.add_argument("--models", nargs="+", default=["vit", "resnet"],
                         choices=sorted(RECIPES))
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--settings", nargs="+", help="PATTERN@SPARSITY or N:M "
                         "(default: 50-80%% unstructured, and 2:4 for the ViT)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -231,6 +235,9 @@ def main() -> None:
                         help="calibration images of the Fisher objective (the first ones)")
     parser.add_argument("--block-size", type=int, default=64, help="Fisher iCBS block size")
     parser.add_argument("--refit-block-size", type=int, default=32)
+    parser.add_argument("--mask-damp", type=float, default=0.1,
+                        help="ridge the refit objective scores masks under (fraction of "
+                             "mean(diag H); the library's default)")
     parser.add_argument("--prune-ends", action="store_true",
                         help="also prune the patch embedding / stem and the head")
     parser.add_argument("--recalibrate-bn", action="store_true",
