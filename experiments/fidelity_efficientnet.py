@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=60.0,
                         help="iCBS seconds of block steps over the model")
     parser.add_argument("--init", default="alps", help="start of iCBS")
+    parser.add_argument("--mask-damp", type=float, default=0.1,
+                        help="ridge iCBS scores masks under (fraction of mean(diag H))")
     parser.add_argument("--depthwise", action="store_true",
                         help="also prune the depthwise convolutions")
     parser.add_argument("--seed", type=int, default=0)
@@ -123,12 +125,13 @@ def main() -> None:
             report = prune_layer_by_layer(
                 model, batches, sparsity=sparsity, method=method, pattern="unstructured",
                 exclude=exclude, init=args.init, objective="refit", budget=args.budget,
-                block_size=32, seed=args.seed)
+                mask_damp=args.mask_damp, block_size=32, seed=args.seed)
             seconds = time.perf_counter() - tic
             agreement, kl = fidelity(dense_logp, log_probs(model, images))
             rows.append(dict(model="efficientnet-lite0", method=method,
                              init=args.init if method == "icbs" else "-", sparsity=sparsity,
                              budget=args.budget if method == "icbs" else 0,
+                             mask_damp=args.mask_damp if method == "icbs" else "",
                              depthwise=args.depthwise, prune_seconds=seconds,
                              agreement=agreement, kl=kl, layers=len(report["layers"]),
                              layer_error=sum(r.get("error_after", 0.0)
