@@ -194,8 +194,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
     panels = sorted({(r["model"], r["pattern"], r["sparsity"]) for r in rows
                      if r["method"] != "dense"})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
-    for ax, (model, pattern, sparsity) in zip(axes[0], panels, strict=True):
+    ncols = min(5, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (model, pattern, sparsity) in zip(axes.flat, panels, strict=False):
         cell = [r for r in rows if (r["model"], r["pattern"], r["sparsity"])
                 == (model, pattern, sparsity)]
         for method in sorted({r["method"] for r in cell}):
@@ -210,7 +214,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"{model} {pattern} {sparsity:g}")
         ax.set_xlabel("pruning time (s)")
         ax.set_ylabel("test top-1 (%), median over seeds")
-    axes[0][0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
