@@ -62,7 +62,8 @@ class Interrupted(Exception):
 
 
 class LayerPruner:
-    """The per-layer callback of `prune_sequential` for one method; keeps the masks.
+    """The per-layer callback of both drivers (`icbs.sequential.prune_in_stages`,
+    `icbs.llm.sequential.prune_sequential`) for one method; keeps the masks.
 
     Layers in `restored` (name -> (weight, mask, record), from a checkpoint) are set to their
     saved result instead of being pruned again; `on_layer(name, weight, mask, record)` is

@@ -1,9 +1,10 @@
 """The knobs of a pruning run in frozen dataclasses, checked when they are made.
 
 `PruneSettings` holds what every run has (what to prune, the block search, the seed) and
-checks it once; `Settings` (an iCBS run on any model, `icbs.Pruner`) and
+checks it once; `Settings` (an iCBS run on any model, `icbs.Pruner`),
+`icbs.layer_pruning.SequentialSettings` (a model pruned layer by layer) and its extension
 `icbs.llm.prune.LLMPruneSettings` (a causal LM pruned block by block) add their own. One name
-per idea across both: a `*damp` is a ridge as a fraction of mean(diag H) (SparseGPT's
+per idea across all: a `*damp` is a ridge as a fraction of mean(diag H) (SparseGPT's
 `percdamp` convention), `ridge` an absolute weight of |D|^2."""
 
 from __future__ import annotations
