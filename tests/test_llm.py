@@ -170,7 +170,7 @@ def test_cli_prune_and_eval_record_the_bos_choice(bos_model_dir, model_dir, text
         assert report["bos_token_id"] == report["eval"]["bos_token_id"] == expected
         capsys.readouterr()
         main(["eval", "--model", str(out), "--text", str(text_file), "--seqlen", "32",
-              "--max-tokens", "256", "--bos", bos])
+              "--max-tokens", "256", "--bos", bos, "--report", f"{out}.eval.json"])
         assert f"perplexity {report['eval']['perplexity']:.4f}" in capsys.readouterr().out
 
 
@@ -270,7 +270,7 @@ def test_cli_prune_saves_a_model_that_eval_reproduces(model_dir, text_file, tmp_
     assert len(masks) == 14 and all(m.dtype == torch.bool for m in masks.values())
     capsys.readouterr()
     main(["eval", "--model", str(out), "--text", str(text_file), "--seqlen", "64",
-          "--max-tokens", "512"])
+          "--max-tokens", "512", "--report", str(tmp_path / "eval.json")])
     printed = capsys.readouterr().out
     assert f"perplexity {report['eval']['perplexity']:.4f}" in printed
     model, _ = load_model(out, "cpu")
