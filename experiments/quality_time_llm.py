@@ -26,7 +26,7 @@ import torch
 from icbs.llm.commands import text_perplexity
 from icbs.llm.load import load_model, resolve_model_dir
 from icbs.llm.prune import INITS, LLMPruneSettings, prune_model
-from icbs.masks import parse_pattern
+from icbs.masks import parse_setting
 
 FIELDS = ["method", "init", "reconstruct", "pattern", "sparsity", "budget", "prune_seconds",
           "perplexity", "nsamples", "seqlen", "scored_tokens", "budget_used", "error_start",
@@ -36,17 +36,6 @@ METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "sparsegpt+rec", "alps", 
 
 
 DEFAULT_INITS = {"icbs": "wanda", "icbs+rec": "sparsegpt", "icbs+refit": "alps"}
-
-
-def parse_setting(text: str) -> tuple[str, float]:
-    """"per_output@0.5" -> ("per_output", 0.5); "2:4" -> ("2:4", 0.5)."""
-    name, _, sparsity = text.partition("@")
-    pattern = parse_pattern(name)
-    if pattern.kind == "nm":
-        return str(pattern), 1 - pattern.n / pattern.m
-    if not sparsity:
-        raise ValueError(f"setting {text!r} needs a sparsity, e.g. {name}@0.5")
-    return str(pattern), float(sparsity)
 
 
 def runs(args):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from icbs import Budget, Pruner, Settings, prune_layer_by_layer
 from icbs.batchnorm import recalibrate_batchnorm
+from icbs.masks import parse_setting
 from icbs.report import write_csv
 from icbs.vision.data import DEFAULT_DIR, load_fashion_mnist
 from icbs.vision.train import RECIPES, VisionRecipe, accuracy, trained_model
@@ -47,15 +48,6 @@ SETTINGS = {"vit": ["unstructured@0.5", "unstructured@0.6", "unstructured@0.7",
                     "unstructured@0.8", "2:4"],
             "resnet": ["unstructured@0.5", "unstructured@0.6", "unstructured@0.7",
                        "unstructured@0.8"]}
-
-
-def parse_setting(text: str) -> tuple[str, float]:
-    """"unstructured@0.5" -> ("unstructured", 0.5); "2:4" -> ("2:4", 0.5)."""
-    name, _, sparsity = text.partition("@")
-    if ":" in name:
-        n, m = map(int, name.split(":"))
-        return name, 1 - n / m
-    return name, float(sparsity)
 
 
 def calibration(data, size: int, seed: int, batch: int = 128) -> list[tuple]:

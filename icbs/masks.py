@@ -44,6 +44,18 @@ def parse_pattern(pattern: str | Pattern) -> Pattern:
     raise ValueError(f"unknown sparsity pattern {pattern!r}; expected {PATTERN_HELP}")
 
 
+def parse_setting(text: str) -> tuple[str, float]:
+    """An experiment's setting as (canonical pattern, sparsity): "per_output@0.5" ->
+    ("per_output", 0.5); "2:4" -> ("2:4", 0.5)."""
+    name, _, sparsity = text.partition("@")
+    pattern = parse_pattern(name)
+    if pattern.kind == "nm":
+        return str(pattern), 1 - pattern.n / pattern.m
+    if not sparsity:
+        raise ValueError(f"setting {text!r} needs a sparsity, e.g. {name}@0.5")
+    return str(pattern), float(sparsity)
+
+
 def check_shape(shape: tuple[int, int], pattern: Pattern, name: str = "layer") -> None:
     """Raise if the pattern cannot be applied to a weight matrix of this shape."""
     if pattern.kind == "nm" and shape[1] % pattern.m:

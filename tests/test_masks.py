@@ -78,3 +78,13 @@ def test_bad_patterns_and_shapes():
         mask_from_scores(torch.ones(2, 6), 0.5, "2:4")
     assert parse_pattern("2:4") == Pattern("nm", 2, 4)
     assert str(parse_pattern("4:8")) == "4:8"
+
+
+def test_settings_of_the_experiments_parse_to_pattern_and_sparsity():
+    from icbs.masks import parse_setting
+
+    assert parse_setting("unstructured@0.7") == ("unstructured", 0.7)
+    assert parse_setting("2:4") == ("2:4", 0.5)
+    assert parse_setting("4:8") == ("4:8", 0.5)
+    with pytest.raises(ValueError, match="needs a sparsity"):
+        parse_setting("per_output")
