@@ -31,27 +31,49 @@ def load_batches(calibration: Iterable, device: torch.device) -> list[tuple[torc
     return batches
 
 
-def check_forward(model: nn.Module, layers: list[PrunableLayer], batches: list,
-                  loss_fn: LossFn) -> None:
-    """Run the dense model on the first calibration batch: it must run, give a finite loss
-    and reach every prunable layer (a layer never used gets no statistics or gradient)."""
-    reached: set[str] = set()
+_RUN_ERRORS = (RuntimeError, IndexError, ValueError, TypeError)
+
+
+def _cannot_run(batch: tuple, exc: Exception) -> ValueError:
+    inputs, targets = batch
+    return ValueError(f"the model cannot be run on calibration batch 0 (inputs "
+                      f"{tuple(inputs.shape)}, targets {tuple(targets.shape)}): {exc}")
+
+
+@torch.no_grad()
+def forward_order(model: nn.Module, layers: list[PrunableLayer],
+                  batch: tuple) -> tuple[list[str], torch.Tensor]:
+    """Run the model on one `(inputs, targets)` batch: the names of `layers` in the order
+    the pass first calls them, and the output. Raises ValueError when the model cannot run
+    on the batch or a layer is never called (it would get no statistics or gradient)."""
+    order: list[str] = []
     handles = [layer.module.register_forward_hook(
-        lambda module, args, out, name=layer.name: reached.add(name)) for layer in layers]
-    inputs, targets = batches[0]
+        lambda module, args, out, name=layer.name: order.append(name)) for layer in layers]
     try:
-        with torch.no_grad():
-            loss = loss_fn(model(inputs), targets)
-    except (RuntimeError, IndexError, ValueError, TypeError) as exc:
-        raise ValueError(f"the model cannot be run on calibration batch 0 (inputs "
-                         f"{tuple(inputs.shape)}, targets {tuple(targets.shape)}): {exc}") from None
+        output = model(batch[0])
+    except _RUN_ERRORS as exc:
+        raise _cannot_run(batch, exc) from None
     finally:
         for handle in handles:
             handle.remove()
+    reached = list(dict.fromkeys(order))
     missing = [layer.name for layer in layers if layer.name not in reached]
     if missing:
         raise ValueError(f"layers never used in the model's forward pass: {missing}; exclude "
                          f"them (exclude=[...])")
+    return reached, output
+
+
+def check_forward(model: nn.Module, layers: list[PrunableLayer], batches: list,
+                  loss_fn: LossFn) -> None:
+    """Run the dense model on the first calibration batch: it must run, reach every
+    prunable layer (`forward_order`) and give a finite loss."""
+    _, output = forward_order(model, layers, batches[0])
+    try:
+        with torch.no_grad():
+            loss = loss_fn(output, batches[0][1])
+    except _RUN_ERRORS as exc:
+        raise _cannot_run(batches[0], exc) from None
     if not torch.isfinite(torch.as_tensor(loss)).all():
         raise ValueError(f"the dense model's loss on calibration batch 0 is {float(loss)}")
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import input_statistics
+from .calibration import forward_order, input_statistics
 from .layer_stats import InputCovariance
 from .layers import PrunableLayer
 
@@ -39,27 +39,15 @@ def _stage_of(name: str, list_prefixes: Sequence[str]) -> str:
     return best + "." + name[len(best) + 1:].split(".")[0]
 
 
-@torch.no_grad()
 def stages(model: nn.Module, layers: Sequence[PrunableLayer],
-           inputs: torch.Tensor) -> list[list[PrunableLayer]]:
-    """The layers grouped into stages, in the order a forward pass on `inputs` first calls
-    them."""
-    order: list[str] = []
-    handles = [layer.module.register_forward_hook(
-        lambda module, args, out, name=layer.name: order.append(name)) for layer in layers]
-    try:
-        model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+           batch: tuple) -> list[list[PrunableLayer]]:
+    """The layers grouped into stages, in the order a forward pass on the `(inputs,
+    targets)` batch first calls them (`forward_order`: raises on a layer never called)."""
+    order, _ = forward_order(model, list(layers), batch)
     by_name = {layer.name: layer for layer in layers}
-    missing = [name for name in by_name if name not in order]
-    if missing:
-        raise ValueError(f"layers never used in the model's forward pass: {missing}; exclude "
-                         "them")
     lists = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
     grouped: dict[str, list[PrunableLayer]] = {}
-    for name in dict.fromkeys(order):
+    for name in order:
         grouped.setdefault(_stage_of(name, lists), []).append(by_name[name])
     return list(grouped.values())
 
@@ -73,7 +61,7 @@ def prune_in_stages(model: nn.Module, batches: list, layers: Sequence[PrunableLa
     no calibration pass is made and statistics are None. Returns the records in order, each
     with the layer's name added."""
     records = []
-    groups = stages(model, layers, batches[0][0])
+    groups = stages(model, layers, batches[0])
     for index, group in enumerate(tqdm(groups, desc="stages", disable=not progress)):
         stats = (input_statistics(model, group, batches, stop_after=True) if needs_statistics
                  else {})

@@ -99,14 +99,14 @@ def test_each_stage_sees_the_inputs_of_the_model_pruned_so_far():
 def test_stages_follow_the_blocks_of_a_vit_and_a_resnet():
     vit = ViT(dim=16, depth=2, heads=2)
     names = [[layer.name for layer in stage] for stage in
-             stages(vit, find_prunable(vit), torch.randn(2, 1, 28, 28))]
+             stages(vit, find_prunable(vit), _images(2)[0])]
     assert names == [["patch_embed.proj"],
                      [f"blocks.0.{n}" for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")],
                      [f"blocks.1.{n}" for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")],
                      ["head"]]
     resnet = ResNet(widths=(4, 8))
     names = [[layer.name for layer in stage] for stage in
-             stages(resnet, find_prunable(resnet), torch.randn(2, 1, 28, 28))]
+             stages(resnet, find_prunable(resnet), _images(2)[0])]
     assert names == [["conv1"], ["blocks.0.conv1", "blocks.0.conv2"],
                      ["blocks.1.conv1", "blocks.1.conv2", "blocks.1.shortcut.0"], ["fc"]]
 
@@ -212,3 +212,20 @@ def test_batchnorm_recalibration_uses_the_statistics_of_the_pruned_inputs():
     assert not net.training and not net[1].training and net[1].momentum == 0.1
     out = net(x)  # eval mode: deterministic, dropout off
     torch.testing.assert_close(out, net(x))
+
+
+def test_a_layer_the_forward_pass_never_calls_is_refused_before_any_change():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(6, 3), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Unused()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 6)
+    with pytest.raises(ValueError, match=r"never used in the model's forward pass: \['unused'\]"):
+        icbs.prune_layer_by_layer(model, [(x, x)], sparsity=0.5, method="wanda")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
