@@ -89,21 +89,14 @@ def input_statistics(
     a list of them, one per group, for a grouped convolution. With `stop_after`, each
     forward pass stops once every layer has run (the layers must all be called in every
     pass)."""
-    stats = {}
-    for layer in layers:
-        groups = getattr(layer.module, "groups", 1)
-        made = [InputCovariance(layer.shape[1], layer.w0.device) for _ in range(groups)]
-        stats[layer.name] = made if groups > 1 else made[0]
+    stats = {layer.name: InputCovariance(layer.shape[1], layer.w0.device,
+                                         groups=getattr(layer.module, "groups", 1))
+             for layer in layers}
     pending: set[str] = set()
 
     def hook(layer: PrunableLayer):
         def add(module, args, out):
-            x = input_matrix(module, args[0])
-            if isinstance(stats[layer.name], list):
-                for g, cov in enumerate(stats[layer.name]):
-                    cov.add_batch(x[..., g * layer.shape[1]:(g + 1) * layer.shape[1]])
-            else:
-                stats[layer.name].add_batch(x)
+            stats[layer.name].add_batch(input_matrix(module, args[0]))
             pending.discard(layer.name)
             if stop_after and not pending:
                 raise _StopForward
@@ -121,7 +114,7 @@ def input_statistics(
     finally:
         for h in handles:
             h.remove()
-    return stats
+    return {name: cov.split() if cov.sum.ndim == 3 else cov for name, cov in stats.items()}
 
 
 def mean_loss(model: nn.Module, batches: list, loss_fn: LossFn) -> float:

@@ -40,6 +40,19 @@ def test_unfolded_conv_statistics_equal_a_loop_over_patches():
     assert cov.tokens == len(patches)
 
 
+def test_grouped_statistics_equal_one_covariance_per_group():
+    x = torch.randn(5, 7, 3 * 4, dtype=torch.float64)
+    grouped = InputCovariance(4, dtype=torch.float64, groups=3)
+    grouped.add_batch(x)
+    grouped.add_batch(x[:2])
+    for g, part in enumerate(grouped.split()):
+        alone = InputCovariance(4, dtype=torch.float64)
+        alone.add_batch(x[..., 4 * g:4 * g + 4])
+        alone.add_batch(x[:2, ..., 4 * g:4 * g + 4])
+        torch.testing.assert_close(part.hessian, alone.hessian)
+        assert part.tokens == alone.tokens == 49
+
+
 class UnfoldedConv(nn.Module):
     """A Conv2d computed as unfold + nn.Linear: the same function, a Linear layer."""
 
