@@ -86,7 +86,8 @@ def prune_layer_by_layer(
     layers = find_prunable(model, config.include, config.exclude, pattern, config.sparsity,
                            grouped=True)
     batches = load_batches(calibration, layers[0].w0.device)
-    pruner = LayerPruner(config, sum(layer.numel for layer in layers))
+    total = sum(layer.numel for layer in layers)
+    pruner = LayerPruner(config, total)
     was_training = model.training
     model.eval()
     try:
@@ -98,7 +99,6 @@ def prune_layer_by_layer(
         raise
     finally:
         model.train(was_training)
-    total = sum(layer.numel for layer in layers)
     pruned = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in records)
     return {"settings": config.to_dict(), "layers": records, "prunable_weights": total,
             "sparsity": pruned / total, "masks": pruner.masks,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..digits import default_cache_dir
+from ..report import write_atomic
 from .data import ImageData
 from .models import ResNet, ViT
 
@@ -100,10 +101,9 @@ def trained_model(recipe: VisionRecipe, data: ImageData,
         return model.eval(), saved["record"]
     model, seconds = train(recipe, data)
     record = {"train_seconds": seconds, "recipe": asdict(recipe)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": model.state_dict(), "record": record}, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save({"state_dict": model.state_dict(), "record": record}, buffer)
+    write_atomic(path, buffer.getvalue())
     return model, record
 
 
