@@ -97,32 +97,34 @@ def layer_by_layer(dense, calib, data, method: str, common: dict, recalibrate: b
 
 def fisher_curve(dense, calib, data, common: dict, budgets: list[float], block_size: int,
                  recalibrate: bool) -> list[dict]:
-    """One Fisher-objective iCBS run to the longest budget; accuracy as each budget passes."""
+    """One Fisher-objective iCBS run to the longest budget; accuracy as each budget passes
+    (budgets the run ends before passing get its final state)."""
     model = copy.deepcopy(dense)
-    settings = Settings(objective="fisher", init="wanda", block_size=block_size,
-                        **{k: v for k, v in common.items() if k != "block_size"})
+    settings = Settings(objective="fisher", init="wanda", block_size=block_size, **common)
     tic = time.perf_counter()
     pruner = Pruner(model, calib, settings, loss_fn=F.cross_entropy)
     init = time.perf_counter() - tic
     marks = sorted(budgets)
     rows = []
 
-    def at_mark(p: Pruner, _record=None) -> None:
-        while marks and p.elapsed >= marks[0]:
-            rows.append(dict(budget=marks.pop(0), prune_seconds=init + p.elapsed,
-                             test_acc=test_accuracy(model, data, calib, recalibrate),
-                             steps=len(p.trace), accepted=sum(r.accepted for r in p.trace)))
+    def record(p: Pruner, passed: list[float]) -> None:
+        state = dict(prune_seconds=init + p.elapsed,
+                     test_acc=test_accuracy(model, data, calib, recalibrate),
+                     steps=len(p.trace), accepted=sum(r.accepted for r in p.trace))
+        rows.extend(dict(budget=budget, **state) for budget in passed)
+
+    def at_step(p: Pruner, _record=None) -> None:
+        passed = [m for m in marks if p.elapsed >= m]
+        if passed:
+            del marks[:len(passed)]
+            record(p, passed)
         if not marks:
             p.stop()
 
-    pruner.run(Budget(seconds=max(budgets) * 1.01), callback=at_mark)
+    pruner.run(Budget(seconds=max(budgets) * 1.01), callback=at_step)
     pruner.finish()
-    at_mark(pruner)
-    for budget in marks:  # the budget ran out between steps: the final state
-        rows.append(dict(budget=budget, prune_seconds=init + pruner.elapsed,
-                         test_acc=test_accuracy(model, data, calib, recalibrate),
-                         steps=len(pruner.trace),
-                         accepted=sum(r.accepted for r in pruner.trace)))
+    if marks:
+        record(pruner, marks)
     return rows
 
 
