@@ -11,7 +11,7 @@ from torch import nn
 
 from icbs.budget import Budget
 from icbs.calibration import LossFn, load_batches
-from icbs.layer_pruning import LayerPruner, SequentialSettings
+from icbs.layer_pruning import LayerPruner, SequentialSettings, overall_sparsity
 from icbs.layers import find_prunable
 from icbs.masks import parse_pattern
 from icbs.pruner import Pruner, check_checkpoint_path
@@ -99,8 +99,7 @@ def prune_layer_by_layer(
         raise
     finally:
         model.train(was_training)
-    pruned = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in records)
     return {"settings": config.to_dict(), "layers": records, "prunable_weights": total,
-            "sparsity": pruned / total, "masks": pruner.masks,
+            "sparsity": overall_sparsity(records), "masks": pruner.masks,
             "seconds": time.perf_counter() - tic,
             "budget_used": sum(r.get("seconds_steps", 0.0) for r in records)}

@@ -57,6 +57,12 @@ class SequentialSettings(PruneSettings):
         return self.method != "magnitude" or self.reconstruct
 
 
+def overall_sparsity(records: list[dict]) -> float:
+    """The pruned fraction of all the weights in `LayerPruner` records."""
+    sizes = [r["shape"][0] * r["shape"][1] for r in records]
+    return sum(r["sparsity"] * n for r, n in zip(records, sizes, strict=True)) / sum(sizes)
+
+
 class Interrupted(Exception):
     """Raised after the layer during which a stop was requested (Ctrl-C) was finished."""
 

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..checks import integer_at_least, one_of
-from ..layer_pruning import INITS, METHODS, Interrupted, LayerPruner, SequentialSettings
+from ..layer_pruning import (
+    INITS,
+    METHODS,
+    Interrupted,
+    LayerPruner,
+    SequentialSettings,
+    overall_sparsity,
+)
 from ..masks import check_layer, parse_pattern
 from .data import BOS_CHOICES, calibration_windows, read_text, resolve_bos, tokenize
 from .sequential import decoder_blocks, prune_sequential, select_linears
@@ -81,13 +88,12 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
     times["prune"] = time.perf_counter() - tic
     for key in ("seconds_start", "seconds_icbs", "seconds_steps", "seconds_reconstruct"):
         times[key.replace("seconds_", "layers_")] = sum(r.get(key, 0.0) for r in records)
-    pruned = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in records)
     return {
         "settings": dataclasses.asdict(settings),
         "bos_token_id": bos_id,
         "layers": records,
         "prunable_weights": pruner.total_weights,
-        "sparsity": pruned / pruner.total_weights,
+        "sparsity": overall_sparsity(records),
         "seconds": times,
         "budget_used": times["layers_steps"],
         "masks": pruner.masks,
