@@ -25,7 +25,7 @@ from icbs.baselines import alps_prune, sparsegpt_prune, wanda_mask
 from icbs.layerwise import improve_layer
 from icbs.llm.data import calibration_windows, read_text, resolve_bos, tokenize
 from icbs.llm.load import load_model
-from icbs.llm.sequential import prune_sequential
+from icbs.llm.sequential import per_layer, prune_sequential
 from icbs.reconstruct import least_squares_update, reconstruction_error
 
 FIELDS = ["layer", "pattern", "sparsity", "method", "steps_per_row", "seconds", "error",
@@ -43,7 +43,7 @@ def capture(model, tokenizer, paths, names, nsamples, seqlen, seed) -> dict:
         seen[name] = (module.weight.detach().float().clone(), cov.hessian.clone())
         return {}
 
-    prune_sequential(model, windows, record, include=names, progress=False)
+    prune_sequential(model, windows, per_layer(record), include=names, progress=False)
     return seen
 
 

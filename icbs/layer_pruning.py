@@ -18,9 +18,10 @@ from torch import nn
 
 from .baselines import alps_prune, magnitude_mask, sparsegpt_prune, wanda_mask
 from .checks import finite_at_least, integer_at_least, one_of
+from .distributed import LocalExecutor
 from .layer_stats import InputCovariance
 from .layerwise import OBJECTIVES
-from .masks import mask_matches_pattern, parse_pattern
+from .masks import check_layer, mask_matches_pattern, parse_pattern
 from .reconstruct import reconstruct_rows, reconstruction_error
 from .settings import PruneSettings
 
@@ -42,6 +43,7 @@ class SequentialSettings(PruneSettings):
     percdamp: float = 0.01  # damping, fraction of mean(diag H)
     mask_damp: float = 0.1  # iCBS mask steps: ridge on H, fraction of mean(diag H)
     objective: str = "layerwise"  # iCBS block steps: "layerwise" (kept weights frozen), "refit"
+    steps: int | None = None  # iCBS block steps over the whole model instead of `budget`
 
     def __post_init__(self):
         super().__post_init__()
@@ -49,6 +51,8 @@ class SequentialSettings(PruneSettings):
         one_of("objective", self.objective, OBJECTIVES)
         one_of("init", self.init, INITS)
         integer_at_least("sparsegpt_columns", self.sparsegpt_columns, 1)
+        if self.steps is not None:
+            integer_at_least("steps", self.steps, 1)
         for name in ("budget", "percdamp", "mask_damp"):
             finite_at_least(name, getattr(self, name))
 
@@ -67,107 +71,156 @@ class Interrupted(Exception):
     """Raised after the layer during which a stop was requested (Ctrl-C) was finished."""
 
 
-class LayerPruner:
-    """The per-layer callback of both drivers (`icbs.sequential.prune_in_stages`,
-    `icbs.llm.sequential.prune_sequential`) for one method; keeps the masks.
+def _start(settings: SequentialSettings, pattern, w0: torch.Tensor, cov: InputCovariance | None):
+    start = settings.init if settings.method == "icbs" else settings.method
+    if start == "magnitude":
+        mask = magnitude_mask(w0, settings.sparsity, pattern)
+    elif start == "wanda":
+        mask = wanda_mask(w0, cov.column_norms(), settings.sparsity, pattern)
+    elif start == "alps":
+        return alps_prune(w0, cov.hessian, settings.sparsity, pattern, damp=settings.percdamp)
+    else:
+        return sparsegpt_prune(w0, cov.hessian, settings.sparsity, pattern,
+                               settings.sparsegpt_columns, settings.percdamp)
+    return w0 * mask, mask
 
-    Layers in `restored` (name -> (weight, mask, record), from a checkpoint) are set to their
-    saved result instead of being pruned again; `on_layer(name, weight, mask, record)` is
-    called after each newly pruned layer (to checkpoint it). Setting `stop_requested` makes
-    the next layer boundary raise `Interrupted`."""
+
+def _solve(settings: SequentialSettings, w0: torch.Tensor, cov: InputCovariance | None,
+           seconds: float | None, steps: int | None):
+    """(weight with zeros where pruned, mask, record) of one weight matrix."""
+    s = settings
+    pattern = parse_pattern(s.pattern)
+    tic = time.perf_counter()
+    weight, mask = _start(s, pattern, w0, cov)
+    record = {"seconds_start": time.perf_counter() - tic}
+    hessian = cov.hessian if cov is not None else None
+    if hessian is not None:
+        record["error_before"] = float(reconstruction_error(w0, weight, hessian).sum())
+    if s.method == "icbs":
+        from .layerwise import improve_layer
+
+        result = improve_layer(
+            w0, hessian, mask, weight=weight, pattern=pattern, sparsity=s.sparsity,
+            seconds=seconds, steps=steps, block_size=s.block_size, solver=s.solver,
+            seed=s.seed, reconstruct=s.reconstruct, damp=s.percdamp, mask_damp=s.mask_damp,
+            objective=s.objective)
+        weight, mask = result.weight.float(), result.mask
+        record.update(steps=result.steps, accepted=result.accepted,
+                      seconds_icbs=result.seconds, seconds_steps=result.step_seconds)
+        if result.convergence:
+            record["convergence"] = result.convergence
+    elif s.reconstruct:
+        tic = time.perf_counter()
+        weight = reconstruct_rows(w0, weight, hessian, mask, s.percdamp)
+        record["seconds_reconstruct"] = time.perf_counter() - tic
+    if not mask_matches_pattern(mask.cpu(), pattern, s.sparsity):
+        raise AssertionError(f"mask does not satisfy pattern {pattern}")
+    weight = weight * mask
+    if hessian is not None:
+        record["error_after"] = float(reconstruction_error(w0, weight, hessian).sum())
+    return weight, mask, record
+
+
+@torch.no_grad()
+def prune_weight(settings: SequentialSettings, w0: torch.Tensor,
+                 cov: InputCovariance | list[InputCovariance] | None,
+                 seconds: float | None = None, steps: int | None = None):
+    """(weight, mask, record) of one (rows, cols) weight matrix pruned by the settings'
+    method given its input statistics (a list, one per group, for a grouped convolution:
+    each group of output rows is pruned on its own inputs, with the pattern's counts per
+    group); iCBS gets `seconds` and/or `steps` of block steps. A pure function of its
+    arguments: the job a worker runs (`icbs.distributed`)."""
+    if not isinstance(cov, list):
+        return _solve(settings, w0, cov, seconds, steps)
+    rows = w0.shape[0] // len(cov)
+    share = [None if x is None else x / len(cov) for x in (seconds, steps)]
+    parts = [_solve(settings, w0[g * rows:(g + 1) * rows], c, share[0],
+                    None if share[1] is None else max(1, round(share[1])))
+             for g, c in enumerate(cov)]
+    record = {key: sum(p[2][key] for p in parts) for key in parts[0][2] if key != "convergence"}
+    record["groups"] = len(cov)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), record
+
+
+class LayerPruner:
+    """The callback of both drivers (`icbs.sequential.prune_in_stages` calls it per layer,
+    `icbs.llm.sequential.prune_sequential` per decoder block, `prune_block`) for one method;
+    keeps the masks.
+
+    A block's layers are independent jobs (`prune_weight`) for the `executor`
+    (`icbs.distributed`; default: one after another in this process). iCBS's budget is
+    shared out over the layers by weight count and multiplied by the executor's
+    parallelism, so that the wall time over the model stays about `budget` however many
+    workers run the jobs; a step budget (`settings.steps`) is shared out the same way but
+    not multiplied, so the result does not depend on the workers. Layers in `restored` (name
+    -> (weight, mask, record), from a checkpoint) are set to their saved result instead of
+    being pruned again; `on_layer(name, weight, mask, record)` is called after each newly
+    pruned layer (to checkpoint it). Setting `stop_requested` makes the next block (or
+    layer) boundary raise `Interrupted`."""
 
     def __init__(self, settings: SequentialSettings, total_weights: int,
-                 restored: dict | None = None, on_layer: Callable | None = None):
+                 restored: dict | None = None, on_layer: Callable | None = None,
+                 executor=None):
         self.settings = settings
         self.pattern = parse_pattern(settings.pattern)
         self.total_weights = total_weights
         self.masks: dict[str, torch.Tensor] = {}
         self.restored = restored or {}
         self.on_layer = on_layer
+        self.executor = executor or LocalExecutor()
         self.stop_requested = False
 
-    def _start(self, w0: torch.Tensor, cov: InputCovariance | None):
+    def _budget(self, weights: int) -> tuple[float | None, int | None]:
         s = self.settings
-        start = s.init if s.method == "icbs" else s.method
-        if start == "magnitude":
-            mask = magnitude_mask(w0, s.sparsity, self.pattern)
-        elif start == "wanda":
-            mask = wanda_mask(w0, cov.column_norms(), s.sparsity, self.pattern)
-        elif start == "alps":
-            return alps_prune(w0, cov.hessian, s.sparsity, self.pattern, damp=s.percdamp)
-        else:
-            return sparsegpt_prune(w0, cov.hessian, s.sparsity, self.pattern, s.sparsegpt_columns,
-                                   s.percdamp)
-        return w0 * mask, mask
+        if s.steps is not None:
+            return None, max(1, round(s.steps * weights / self.total_weights))
+        return s.budget * weights / self.total_weights * self.executor.parallel, None
 
-    @torch.no_grad()
     def __call__(self, name: str, module: nn.Module,
                  cov: InputCovariance | list[InputCovariance] | None) -> dict:
-        """Prune `module` given its input statistics (a list, one per group, for a grouped
-        convolution: each group of output channels is pruned on its own inputs, with the
-        pattern's counts per group)."""
-        if self.stop_requested:
-            raise Interrupted(name)
-        if name in self.restored:
-            weight, mask, record = self.restored[name]
-            module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.device,
-                                                                        module.weight.dtype))
-            self.masks[name] = mask
-            return record
-        record = self._prune(name, module, cov)
-        if self.on_layer is not None:
-            self.on_layer(name, module.weight, self.masks[name], record)
-        return record
+        """Prune one layer given its input statistics (see `prune_weight`)."""
+        return self.prune_block({name: module}, {name: cov} if cov is not None else {})[0]
 
-    def _prune(self, name: str, module: nn.Module,
-               cov: InputCovariance | list[InputCovariance] | None) -> dict:
-        w0 = module.weight.detach().float().reshape(module.weight.shape[0], -1)
-        if isinstance(cov, list):  # a grouped convolution: one problem per group of rows
-            rows = w0.shape[0] // len(cov)
-            parts = [self._solve(name, w0[g * rows:(g + 1) * rows], c) for g, c in enumerate(cov)]
-            weight = torch.cat([p[0] for p in parts])
-            mask = torch.cat([p[1] for p in parts])
-            record = {key: sum(p[2][key] for p in parts) for key in parts[0][2]
-                      if key != "convergence"}
-            record["groups"] = len(cov)
-        else:
-            weight, mask, record = self._solve(name, w0, cov)
-        record["shape"] = list(w0.shape)
-        module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.dtype))
+    @torch.no_grad()
+    def prune_block(self, layers: dict[str, nn.Module],
+                    stats: dict[str, InputCovariance | list[InputCovariance]]) -> list[dict]:
+        """Prune every module of `layers` (name -> module) given `stats` (name -> input
+        statistics; absent for magnitude); one record per layer, in order. In this process
+        the layers go one by one (a stop is honoured after any of them); on workers the
+        block's layers go out together."""
+        records = {}
+        for name in layers:
+            if name in self.restored:
+                weight, mask, records[name] = self.restored[name]
+                self._write(layers[name], name, weight, mask)
+        fresh = [name for name in layers if name not in self.restored]
+        one_by_one = isinstance(self.executor, LocalExecutor)
+        for chunk in [[name] for name in fresh] if one_by_one else [fresh] if fresh else []:
+            if self.stop_requested:
+                raise Interrupted(chunk[0])
+            w0s = {}
+            for name in chunk:
+                weight = layers[name].weight
+                check_layer(name, weight)
+                w0s[name] = weight.detach().float().reshape(weight.shape[0], -1)
+            jobs = [(self.settings, w0s[name], stats.get(name),
+                     *self._budget(w0s[name].numel())) for name in chunk]
+            results = self.executor.map(prune_weight, jobs,
+                                        sizes=[w0s[name].numel() for name in chunk])
+            for name, (weight, mask, record) in zip(chunk, results, strict=True):
+                record.update(shape=list(w0s[name].shape),
+                              sparsity=1.0 - float(mask.float().mean()))
+                module = layers[name]
+                self._write(module, name, weight, mask)
+                record["zeros"] = float((module.weight == 0).float().mean())
+                records[name] = record
+                if self.on_layer is not None:
+                    self.on_layer(name, module.weight, self.masks[name], record)
+        if self.stop_requested and not one_by_one:
+            raise Interrupted(next(reversed(layers)))
+        return [records[name] for name in layers]
+
+    def _write(self, module: nn.Module, name: str, weight: torch.Tensor, mask: torch.Tensor):
+        module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.device,
+                                                                    module.weight.dtype))
         self.masks[name] = mask.cpu()
-        record["sparsity"] = 1.0 - float(mask.float().mean())
-        record["zeros"] = float((module.weight == 0).float().mean())
-        return record
-
-    def _solve(self, name: str, w0: torch.Tensor, cov: InputCovariance | None):
-        """(weight with zeros where pruned, mask, record) of one weight matrix."""
-        s = self.settings
-        tic = time.perf_counter()
-        weight, mask = self._start(w0, cov)
-        record = {"seconds_start": time.perf_counter() - tic}
-        hessian = cov.hessian if cov is not None else None
-        if hessian is not None:
-            record["error_before"] = float(reconstruction_error(w0, weight, hessian).sum())
-        if s.method == "icbs":
-            from .layerwise import improve_layer
-
-            result = improve_layer(
-                w0, hessian, mask, weight=weight, pattern=self.pattern, sparsity=s.sparsity,
-                seconds=s.budget * w0.numel() / self.total_weights, block_size=s.block_size,
-                solver=s.solver, seed=s.seed, reconstruct=s.reconstruct, damp=s.percdamp,
-                mask_damp=s.mask_damp, objective=s.objective)
-            weight, mask = result.weight.float(), result.mask
-            record.update(steps=result.steps, accepted=result.accepted,
-                          seconds_icbs=result.seconds, seconds_steps=result.step_seconds)
-            if result.convergence:
-                record["convergence"] = result.convergence
-        elif s.reconstruct:
-            tic = time.perf_counter()
-            weight = reconstruct_rows(w0, weight, hessian, mask, s.percdamp)
-            record["seconds_reconstruct"] = time.perf_counter() - tic
-        if not mask_matches_pattern(mask.cpu(), self.pattern, s.sparsity):
-            raise AssertionError(f"{name}: mask does not satisfy pattern {self.pattern}")
-        weight = weight * mask
-        if hessian is not None:
-            record["error_after"] = float(reconstruction_error(w0, weight, hessian).sum())
-        return weight, mask, record

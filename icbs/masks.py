@@ -91,8 +91,9 @@ def pruned_per_group(shape: tuple[int, int], pattern: Pattern, sparsity: float) 
 def check_layer(name: str, weight: torch.Tensor, pattern: Pattern | None = None,
                 sparsity: float | None = None) -> None:
     """Raise unless the (rows, cols) weight is finite, fits the pattern (when given) and keeps
-    some weights of every group at the sparsity (when given)."""
-    if not bool(torch.isfinite(weight).all()):
+    some weights of every group at the sparsity (when given). A weight on the meta device (a
+    model held one block at a time) is checked for its shape only."""
+    if not weight.is_meta and not bool(torch.isfinite(weight).all()):
         raise ValueError(f"{name}: the weights have NaN or Inf entries")
     shape = (weight.shape[0], weight[0].numel())
     if pattern is not None:

@@ -27,6 +27,7 @@ from icbs.llm.prune import LLMPruneSettings, prune_model  # noqa: E402
 from icbs.llm.sequential import (  # noqa: E402
     capture_block_inputs,
     decoder_blocks,
+    per_layer,
     prune_sequential,
     run_block,
 )
@@ -202,7 +203,7 @@ def test_sequential_driver_reproduces_the_model_forward(loaded, text_file):
         seen[name] = cov.hessian
         return {}
 
-    prune_sequential(model, windows, record, batch_size=4, progress=False)
+    prune_sequential(model, windows, per_layer(record), batch_size=4, progress=False)
     assert set(seen) == set(plain) and len(seen) == 14
     for name, hessian in seen.items():
         torch.testing.assert_close(hessian, plain[name].hessian, rtol=1e-4, atol=1e-5)
@@ -466,7 +467,10 @@ def _killed(point, args, cwd, returncode=-9):
 
 def _result(out):
     report = json.loads((out / "report.json").read_text())
-    return (load_file(str(out / "masks.safetensors")), load_file(str(out / "model.safetensors")),
+    weights = {}
+    for shard in sorted(out.glob("model-*.safetensors")):
+        weights.update(load_file(str(shard)))
+    return (load_file(str(out / "masks.safetensors")), weights,
             report["eval"]["perplexity"], [r["error_after"] for r in report["layers"]])
 
 

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import signal
 import sys
 import time
@@ -53,7 +54,18 @@ def add_commands(subparsers) -> None:
     prune.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--budget", type=float, default=600.0,
-                       help="seconds of iCBS block steps over the whole model (default 600)")
+                       help="seconds of iCBS block steps over the whole model (default 600; "
+                            "with workers, wall seconds: each worker gets this much)")
+    prune.add_argument("--steps", type=int, default=None,
+                       help="iCBS block steps over the whole model instead of --budget "
+                            "(shared out by weight count; the result does not depend on time "
+                            "or workers)")
+    prune.add_argument("--workers", type=int, default=None,
+                       help="prune a decoder block's layers in parallel on this many Ray "
+                            "workers (a local Ray instance; needs the distributed extra)")
+    prune.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="run the layers on the Ray cluster at ADDR instead (e.g. "
+                            "ray://head:10001 or auto)")
     prune.add_argument("--init", choices=INITS, default="wanda", help="iCBS start (default wanda)")
     prune.add_argument("--objective", choices=OBJECTIVES, default="layerwise",
                        help="what iCBS block steps minimize: the layer error with the kept "
@@ -138,15 +150,18 @@ def _setup(args) -> None:
 
 def text_perplexity(model, tokenizer, paths, seqlen: int, max_tokens: int | None,
                     batch_size: int = 1, progress: bool = False, bos: str = "auto") -> dict:
-    """Perplexity on text files with the settings that produced it."""
+    """Perplexity on text files with the settings that produced it; `model` is a loaded model
+    or an `icbs.llm.lazy.LazyModel` (evaluated one decoder block at a time)."""
     from .data import eval_windows, read_text, resolve_bos, tokenize
     from .evaluate import perplexity
+    from .lazy import LazyModel
 
     bos_id = resolve_bos(tokenizer, bos)
     tokens = tokenize(tokenizer, read_text(paths), bos_id)
     windows = eval_windows(tokens, seqlen, max_tokens, bos_id)
     tic = time.perf_counter()
-    ppl = perplexity(model, windows, batch_size, progress=progress)
+    ppl = model.perplexity(windows, batch_size) if isinstance(model, LazyModel) else \
+        perplexity(model, windows, batch_size, progress=progress)
     return {"perplexity": ppl, "text": [str(p) for p in paths], "seqlen": seqlen,
             "bos": bos, "bos_token_id": bos_id, "windows": len(windows),
             "scored_tokens": len(windows) * (windows.shape[1] - 1),
@@ -156,8 +171,10 @@ def text_perplexity(model, tokenizer, paths, seqlen: int, max_tokens: int | None
 def run_prune(args) -> None:
     from safetensors.torch import save_file
 
+    from ..checks import flag_at_least
     from .data import read_text
-    from .load import load_model
+    from .lazy import LazyModel, ShardWriter, peak_memory
+    from .load import choose_device, resolve_model_dir
 
     _setup(args)
     settings = LLMPruneSettings(
@@ -168,7 +185,11 @@ def run_prune(args) -> None:
         solver=args.solver,
         include=tuple(args.include), exclude=tuple(args.exclude),
         batch_size=8 if args.batch_size is None else args.batch_size, bos=args.bos,
-        objective=args.objective)
+        objective=args.objective, steps=args.steps)
+    flag_at_least("--workers", args.workers, 1)
+    if args.workers is not None and args.ray_address is not None:
+        raise ValueError("give --workers (a local Ray instance) or --ray-address (a cluster), "
+                         "not both")
     if settings.needs_calibration:
         read_text(args.calib)  # missing files fail before the model is loaded
     if args.eval_text:
@@ -181,14 +202,29 @@ def run_prune(args) -> None:
     run = RunDirectory(args.out, identity, args.resume)
     restored = run.restored()
     tic = time.perf_counter()
-    model, tokenizer = load_model(args.model, args.device, args.cache_dir)
+    from transformers import AutoTokenizer
+
+    from ..distributed import make_executor
+
+    model_dir = resolve_model_dir(args.model, args.cache_dir)
+    device = choose_device(args.device)
+    lazy = LazyModel(model_dir, device)
+    lazy.weights.check_finite([n for names in lazy.block_names for n in names])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     load_seconds = time.perf_counter() - tic
+    shards = ShardWriter(run.work, len(lazy.blocks) + 1)
+    executor = make_executor(args.workers, args.ray_address)
     made = []
 
     def layer_pruner(settings, total_weights):
         made.append(LayerPruner(settings, total_weights, restored=restored,
-                                on_layer=run.save_layer))
+                                on_layer=run.save_layer, executor=executor))
         return made[0]
+
+    def block_done(index):
+        run.open()
+        shards.write(index, lazy.stored(lazy.block_names[index]))
+        lazy.release_block(index)
 
     def stop(signum, frame):
         for pruner in made:
@@ -198,32 +234,42 @@ def run_prune(args) -> None:
 
     previous = signal.signal(signal.SIGINT, stop)
     try:
-        report = prune_model(model, tokenizer, settings, args.calib, layer_pruner=layer_pruner,
-                             progress=sys.stderr.isatty())
+        report = prune_model(lazy.model, tokenizer, settings, args.calib,
+                             layer_pruner=layer_pruner, progress=sys.stderr.isatty(),
+                             load_block=lazy.load_block, block_done=block_done)
     except Interrupted:
         print(f"stopped: {len(run.records)} layers are checkpointed in {run.work}; the same "
               f"command with --resume continues", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         signal.signal(signal.SIGINT, previous)
+        executor.close()
+    tic = time.perf_counter()
+    run.open()
+    shards.write(len(lazy.blocks), lazy.stored(lazy.outer_names))
+    shards.finish()
+    lazy.model.config.save_pretrained(run.work)
+    if (model_dir / "generation_config.json").is_file():
+        shutil.copy(model_dir / "generation_config.json", run.work)
+    save_seconds = time.perf_counter() - tic
     report["seconds"]["load"] = load_seconds
     report["resumed_layers"] = len(restored)
     masks = report.pop("masks")
-    report.update(model=str(args.model), device=str(next(model.parameters()).device),
-                  threads=torch.get_num_threads())
+    report.update(model=str(args.model), device=str(device), threads=torch.get_num_threads(),
+                  workers=executor.parallel if args.workers or args.ray_address else None)
     if args.eval_text:
-        report["eval"] = text_perplexity(model, tokenizer, args.eval_text, args.seqlen,
-                                         args.max_tokens, args.batch_size or 1, bos=args.bos,
-                                         progress=sys.stderr.isatty())
+        report["eval"] = text_perplexity(LazyModel(run.work, device), tokenizer, args.eval_text,
+                                         args.seqlen, args.max_tokens, args.batch_size or 1,
+                                         bos=args.bos)
         print(f"perplexity {report['eval']['perplexity']:.4f}")
 
     def write(directory: Path) -> None:
         tic = time.perf_counter()
-        model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
         save_file({name: mask.contiguous() for name, mask in masks.items()},
                   str(directory / "masks.safetensors"))
-        report["seconds"]["save"] = time.perf_counter() - tic
+        report["seconds"]["save"] = save_seconds + time.perf_counter() - tic
+        report["memory"] = peak_memory(device)
         (directory / "report.json").write_text(json.dumps(report, indent=2))
 
     run.finish(write)

@@ -57,12 +57,15 @@ def prunable_layers(model: nn.Module, settings: LLMPruneSettings) -> dict[str, n
 
 def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
                 calib_paths: Sequence[str] = (), progress: bool = False,
-                layer_pruner: Callable[[LLMPruneSettings, int], LayerPruner] = LayerPruner
-                ) -> dict:
+                layer_pruner: Callable[[LLMPruneSettings, int], LayerPruner] = LayerPruner,
+                load_block: Callable[[int], None] | None = None,
+                block_done: Callable[[int], None] | None = None) -> dict:
     """Prune `model` in place; returns the report (settings, per-layer records, times) with
     the masks under the key "masks" (name -> bool tensor). `layer_pruner(settings,
-    total_weights)` makes the per-layer callback (a resumed run passes one that restores
-    checkpointed layers and checkpoints new ones)."""
+    total_weights)` makes the layers' callback (a resumed run passes one that restores
+    checkpointed layers and checkpoints new ones; a distributed run one with a Ray
+    executor). `load_block` / `block_done`: see `prune_sequential` (a model held one block
+    at a time, `icbs.llm.lazy.LazyModel`)."""
     pattern = parse_pattern(settings.pattern)
     layers = prunable_layers(model, settings)
     if not layers:
@@ -82,9 +85,10 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
     times["data"] = time.perf_counter() - tic
     pruner = layer_pruner(settings, sum(layer.weight.numel() for layer in layers.values()))
     tic = time.perf_counter()
-    records = prune_sequential(model, windows, pruner, include=settings.include,
+    records = prune_sequential(model, windows, pruner.prune_block, include=settings.include,
                                exclude=settings.exclude, batch_size=settings.batch_size,
-                               progress=progress, restored=pruner.restored.keys())
+                               progress=progress, restored=pruner.restored.keys(),
+                               load_block=load_block, block_done=block_done)
     times["prune"] = time.perf_counter() - tic
     for key in ("seconds_start", "seconds_icbs", "seconds_steps", "seconds_reconstruct"):
         times[key.replace("seconds_", "layers_")] = sum(r.get(key, 0.0) for r in records)

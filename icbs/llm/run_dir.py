@@ -73,6 +73,13 @@ class RunDirectory:
         self.resume_dir.mkdir(parents=True)
         self._commit()
 
+    def open(self) -> Path:
+        """The work directory, created (or, resuming, kept) now; the run's results are
+        written into it."""
+        if not self.started:
+            self._start()
+        return self.work
+
     def restored(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, dict]]:
         """name -> (weight, mask, record) of every layer the checkpoint holds."""
         from safetensors.torch import load_file
@@ -89,8 +96,7 @@ class RunDirectory:
         """Checkpoint one pruned layer (its file first, then the progress that lists it)."""
         from safetensors.torch import save
 
-        if not self.started:
-            self._start()
+        self.open()
         file = f"layer-{len(self.files):04d}.safetensors"
         write_atomic(self.resume_dir / file, save({"weight": weight.detach().cpu().contiguous(),
                                                    "mask": mask.cpu().contiguous()}))
@@ -106,8 +112,7 @@ class RunDirectory:
     def finish(self, write: Callable[[Path], None]) -> None:
         """`write(directory)` puts the results into the work directory, which then replaces
         OUT (an old OUT is moved aside first and removed last)."""
-        if not self.started:
-            self._start()
+        self.open()
         write(self.work)
         shutil.rmtree(self.resume_dir)
         old = self.out.with_name(f".{self.out.name}.old")

@@ -2,10 +2,12 @@
 
 The inputs of decoder block 0 are captured once, whatever the block's call signature
 (positional and keyword arguments: position embeddings, attention masks, caches). Then for each
-block: its linear layers' input statistics are accumulated, each layer is pruned by a callback,
-and the pruned block is re-run on its inputs to produce the next block's inputs. Beyond the
-model itself (all of it stays where it was loaded), the driver holds one block's statistics
-(cols x cols per distinct layer input) and the calibration activations of one block.
+block: its linear layers' input statistics are accumulated, its layers are pruned by a
+callback (all of a block's layers at once, so that they can run in parallel), and the pruned
+block is re-run on its inputs to produce the next block's inputs. Beyond the model itself
+(all of it in memory, or one block at a time with `icbs.llm.lazy`), the driver holds one
+block's statistics (cols x cols per distinct layer input) and the calibration activations of
+one block.
 """
 
 from __future__ import annotations
@@ -146,32 +148,52 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Linear],
     return {name: covariances[leaders.get(name, name)] for name in layers}
 
 
+BlockCallback = Callable[[dict[str, nn.Linear], dict[str, InputCovariance]], list[dict]]
+
+
+def per_layer(prune_layer: LayerCallback) -> BlockCallback:
+    """A block callback that calls `prune_layer(name, module, statistics)` on each layer."""
+    def prune_block(layers, stats):
+        return [prune_layer(name, module, stats.get(name)) for name, module in layers.items()]
+    return prune_block
+
+
 @torch.no_grad()
-def prune_sequential(model: nn.Module, windows: torch.Tensor | None, prune_layer: LayerCallback,
+def prune_sequential(model: nn.Module, windows: torch.Tensor | None, prune_block: BlockCallback,
                      *, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
                      batch_size: int = 8, progress: bool = True,
-                     restored: Container[str] = ()) -> list[dict]:
+                     restored: Container[str] = (),
+                     load_block: Callable[[int], None] | None = None,
+                     block_done: Callable[[int], None] | None = None) -> list[dict]:
     """Prune the linear layers of every decoder block, block by block.
 
-    `prune_layer(name, module, statistics)` rewrites `module.weight` and returns a record for
-    the report. With `windows=None` no calibration pass is made and statistics are None.
+    `prune_block(layers, statistics)` rewrites the `weight` of every module of `layers`
+    (name -> module, in the block's order) given `statistics` (name -> InputCovariance) and
+    returns one record per layer for the report (`per_layer` makes one from a per-layer
+    callback). With `windows=None` no calibration pass is made and statistics are empty.
     Layers in `restored` get no statistics (the callback sets their saved result), and a
-    block made only of them is just run forward. Returns the records in order, each with the
-    layer's name added.
+    block made only of them is just run forward. `load_block(index)` is called before block
+    `index` is used and `block_done(index)` after its outputs were computed (a model held one
+    block at a time, `icbs.llm.lazy`). Returns the records in order, each with the layer's
+    name added.
     """
     prefix, blocks = decoder_blocks(model)
     inputs = None if windows is None else capture_block_inputs(model, blocks[0], windows,
                                                                batch_size)
     records = []
-    for index, block in enumerate(blocks):
+    for index in tqdm(range(len(blocks)), desc="decoder blocks", disable=not progress):
+        if load_block is not None:
+            load_block(index)
+        block = blocks[index]
         layers = select_linears(block, f"{prefix}.{index}", include, exclude)
         fresh = [name for name in layers if name not in restored]
         stats = collect_statistics(block, layers, inputs) if inputs and fresh else {}
-        for name, module in tqdm(layers.items(), desc=f"block {index + 1}/{len(blocks)}",
-                                 disable=not progress, leave=False):
-            records.append({"name": name, **prune_layer(name, module, stats.get(name))})
+        records += [{"name": name, **record} for name, record in
+                    zip(layers, prune_block(layers, stats), strict=True)]
         del stats
         if inputs is not None and index + 1 < len(blocks):
             inputs.hidden = run_block(block, inputs)
+        if block_done is not None:
+            block_done(index)
         logger.info("pruned block %d/%d (%d layers)", index + 1, len(blocks), len(layers))
     return records
