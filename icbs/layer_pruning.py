@@ -10,7 +10,7 @@ blocks of a causal LM).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -155,12 +155,13 @@ class LayerPruner:
     not multiplied, so the result does not depend on the workers. Layers in `restored` (name
     -> (weight, mask, record), from a checkpoint) are set to their saved result instead of
     being pruned again; `on_layer(name, weight, mask, record)` is called after each newly
-    pruned layer (to checkpoint it). Setting `stop_requested` makes the next block (or
-    layer) boundary raise `Interrupted`."""
+    pruned layer (to checkpoint it). `masks` holds every layer's mask unless `keep_masks` is
+    off (a run that checkpoints them and holds one block at a time). Setting
+    `stop_requested` makes the next block (or layer) boundary raise `Interrupted`."""
 
     def __init__(self, settings: SequentialSettings, total_weights: int,
-                 restored: dict | None = None, on_layer: Callable | None = None,
-                 executor=None):
+                 restored: Mapping | None = None, on_layer: Callable | None = None,
+                 executor=None, keep_masks: bool = True):
         self.settings = settings
         self.pattern = parse_pattern(settings.pattern)
         self.total_weights = total_weights
@@ -168,6 +169,7 @@ class LayerPruner:
         self.restored = restored or {}
         self.on_layer = on_layer
         self.executor = executor or LocalExecutor()
+        self.keep_masks = keep_masks
         self.stop_requested = False
 
     def _budget(self, weights: int) -> tuple[float | None, int | None]:
@@ -215,7 +217,7 @@ class LayerPruner:
                 record["zeros"] = float((module.weight == 0).float().mean())
                 records[name] = record
                 if self.on_layer is not None:
-                    self.on_layer(name, module.weight, self.masks[name], record)
+                    self.on_layer(name, module.weight, mask.cpu(), record)
         if self.stop_requested and not one_by_one:
             raise Interrupted(next(reversed(layers)))
         return [records[name] for name in layers]
@@ -223,4 +225,5 @@ class LayerPruner:
     def _write(self, module: nn.Module, name: str, weight: torch.Tensor, mask: torch.Tensor):
         module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.device,
                                                                     module.weight.dtype))
-        self.masks[name] = mask.cpu()
+        if self.keep_masks:
+            self.masks[name] = mask.cpu()

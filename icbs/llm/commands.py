@@ -169,8 +169,6 @@ def text_perplexity(model, tokenizer, paths, seqlen: int, max_tokens: int | None
 
 
 def run_prune(args) -> None:
-    from safetensors.torch import save_file
-
     from ..checks import flag_at_least
     from .data import read_text
     from .lazy import LazyModel, ShardWriter, peak_memory
@@ -218,7 +216,7 @@ def run_prune(args) -> None:
 
     def layer_pruner(settings, total_weights):
         made.append(LayerPruner(settings, total_weights, restored=restored,
-                                on_layer=run.save_layer, executor=executor))
+                                on_layer=run.save_layer, executor=executor, keep_masks=False))
         return made[0]
 
     def block_done(index):
@@ -254,7 +252,7 @@ def run_prune(args) -> None:
     save_seconds = time.perf_counter() - tic
     report["seconds"]["load"] = load_seconds
     report["resumed_layers"] = len(restored)
-    masks = report.pop("masks")
+    report.pop("masks")  # empty: the masks are in the checkpoint, written below
     report.update(model=str(args.model), device=str(device), threads=torch.get_num_threads(),
                   workers=executor.parallel if args.workers or args.ray_address else None)
     if args.eval_text:
@@ -266,8 +264,7 @@ def run_prune(args) -> None:
     def write(directory: Path) -> None:
         tic = time.perf_counter()
         tokenizer.save_pretrained(directory)
-        save_file({name: mask.contiguous() for name, mask in masks.items()},
-                  str(directory / "masks.safetensors"))
+        run.write_masks(directory / "masks.safetensors")
         report["seconds"]["save"] = save_seconds + time.perf_counter() - tic
         report["memory"] = peak_memory(device)
         (directory / "report.json").write_text(json.dumps(report, indent=2))

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -27,6 +29,53 @@ from ..report import write_atomic
 logger = logging.getLogger(__name__)
 
 PROGRESS = "progress.json"
+
+
+class RestoredLayers(Mapping):
+    """The checkpointed layers of a run directory, name -> (weight, mask, record), read from
+    their files on access."""
+
+    def __init__(self, resume_dir: Path, records: list[dict], files: list[str]):
+        self.resume_dir = resume_dir
+        self.entries = {record["name"]: (file, {k: v for k, v in record.items() if k != "name"})
+                        for record, file in zip(records, files, strict=True)}
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        from safetensors.torch import load_file
+
+        file, record = self.entries[name]
+        tensors = load_file(self.resume_dir / file)
+        return tensors["weight"], tensors["mask"], dict(record)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def write_streamed(path: Path, shapes: dict[str, list[int]],
+                   tensor: Callable[[str], torch.Tensor]) -> None:
+    """A safetensors file of the bool tensors `shapes` (name -> shape), each made by
+    `tensor(name)` only when its bytes are written: the file is never held in memory whole.
+    Written beside `path` and renamed."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = math.prod(shape)
+        header[name] = {"dtype": "BOOL", "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as out:
+        out.write(struct.pack("<Q", len(text)) + text)
+        for name, shape in shapes.items():
+            values = tensor(name)
+            if values.dtype != torch.bool or list(values.shape) != list(shape):
+                raise ValueError(f"{name}: expected a bool tensor of shape {shape}")
+            out.write(values.contiguous().numpy().tobytes())
+    os.replace(partial, path)
 
 
 class RunDirectory:
@@ -80,16 +129,10 @@ class RunDirectory:
             self._start()
         return self.work
 
-    def restored(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, dict]]:
-        """name -> (weight, mask, record) of every layer the checkpoint holds."""
-        from safetensors.torch import load_file
-
-        done = {}
-        for record, name in zip(self.records, self.files, strict=True):
-            tensors = load_file(self.resume_dir / name)
-            done[record["name"]] = (tensors["weight"], tensors["mask"],
-                                    {k: v for k, v in record.items() if k != "name"})
-        return done
+    def restored(self) -> RestoredLayers:
+        """name -> (weight, mask, record) of every layer the checkpoint holds, each read from
+        its file when asked for (so a resumed run does not hold the model's weights)."""
+        return RestoredLayers(self.resume_dir, self.records, self.files)
 
     def save_layer(self, name: str, weight: torch.Tensor, mask: torch.Tensor,
                    record: dict) -> None:
@@ -103,6 +146,25 @@ class RunDirectory:
         self.records.append({"name": name, **record})
         self.files.append(file)
         self._commit()
+
+    def write_masks(self, path: Path) -> None:
+        """Every checkpointed layer's mask into one safetensors file, one layer read at a
+        time."""
+        from safetensors import safe_open
+
+        def mask_of(file):
+            with safe_open(self.resume_dir / file, "pt") as handle:
+                return handle.get_tensor("mask")
+
+        shapes = {}
+        for record, file in zip(self.records, self.files, strict=True):
+            with safe_open(self.resume_dir / file, "pt") as handle:
+                shapes[record["name"]] = handle.get_slice("mask").get_shape()
+        write_streamed(path, shapes, lambda name: mask_of(self.files[self._index[name]]))
+
+    @property
+    def _index(self) -> dict[str, int]:
+        return {record["name"]: i for i, record in enumerate(self.records)}
 
     def _commit(self) -> None:
         write_atomic(self.resume_dir / PROGRESS, json.dumps(

@@ -1,0 +1,155 @@
+"""Layerwise block steps for many rows at once.
+
+For the layerwise objective (kept weights frozen) the rows of a layer are independent
+problems whenever the pattern counts per row or per group of a row (`per_output`, N:M): a
+step can take one block in each of R rows and solve R QUBOs in one solver call. Each row's
+block QUBO is the one `icbs.block_qubo` builds for it (the same model, written here for a
+leading row dimension: the Hessian blocks are gathered as one (R, B, B) tensor), and since
+that model is exact every improving answer is kept, as on the one-block path. The blocks are
+drawn per row as `icbs.refit_steps.choose_blocks` draws them: half pruned weights, the ones
+with the highest scores, half kept ones with the lowest, at random from the best twice as
+many (for N:M, whole groups ranked by their best pruned score over their worst kept one).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from icbs.masks import Pattern, group_ids
+from icbs.refit_steps import _draw
+from solvers import CardinalityQUBO
+
+ROW_ELEMENTS = 2**22  # entries of one batch's stacked block Hessians (32 MB in float64)
+
+
+@dataclass
+class BatchedResult:
+    weight: torch.Tensor  # the kept values (w0 where a weight came back), float32
+    mask: torch.Tensor
+    steps: int  # one per row and step
+    accepted: int
+    seconds: float
+    passes: float  # row steps / rows: how many times the budget went over every row
+
+
+def batch_qubos(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
+                eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q, c, scaled Q) of dL(x) = x^T Q x + c for R blocks at once (`icbs.block_qubo`'s
+    model with gamma 1, no ridge; v, a, g: (R, B), h: (R, B, B) float64); the scaled Q is Q
+    over max|Q| per row with entries at most eps (relative) set to zero."""
+    q = 0.5 * v[:, :, None] * v[:, None, :] * h
+    q.diagonal(dim1=1, dim2=2).sub_(v * (h @ a[:, :, None])[:, :, 0] + v * g)
+    c = 0.5 * (a * (h @ a[:, :, None])[:, :, 0]).sum(1) + (g * a).sum(1)
+    scale = q.abs().amax((1, 2), keepdim=True)
+    scaled = torch.where(scale > 0, q / scale.clamp_min(1e-300), q)
+    scaled[scaled.abs() <= eps] = 0.0
+    return q, c, scaled
+
+
+def _blocks(keep: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, block_size: int,
+            gen: torch.Generator) -> torch.Tensor:
+    """(R, B) columns of each row's next block, sorted."""
+    group_count = int(groups.max()) + 1
+    if group_count > 1:  # N:M: whole groups, the best of a pruned score over a kept one
+        index = groups.expand_as(scores)
+        best_pruned = torch.full((len(keep), group_count), -torch.inf, dtype=scores.dtype)
+        best_pruned.scatter_reduce_(1, index, torch.where(keep, -torch.inf, scores), "amax")
+        worst_kept = torch.full_like(best_pruned, torch.inf)
+        worst_kept.scatter_reduce_(1, index, torch.where(keep, scores, torch.inf), "amin")
+        size = scores.shape[1] // group_count
+        wanted = max(1, min(group_count, block_size // size))
+        chosen = _draw(best_pruned - worst_kept, wanted, group_count, 2, gen)
+        return (chosen[:, :, None] * size + torch.arange(size)).flatten(1)
+    pruned_count = int((~keep).sum(1).min())
+    pruned = _draw(torch.where(keep, -torch.inf, scores), block_size // 2, pruned_count, 2, gen)
+    kept_count = int(keep.sum(1).min())
+    kept = _draw(torch.where(keep, -scores, -torch.inf), block_size - pruned.shape[1],
+                 kept_count, 2, gen)
+    return torch.cat([pruned, kept], 1).sort(1).values
+
+
+def batched_step(w0: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, h: torch.Tensor,
+                 blocks: torch.Tensor, groups: torch.Tensor, solver, seeds: list[int]
+                 ) -> torch.Tensor:
+    """One block step in each row: `blocks` (R, B) columns per row, solved from the current
+    mask by one `solver.solve_many`; the improving answers are written into `weight` and
+    `keep` (a weight that comes back takes w0). Returns the model's change per row (0 where
+    the answer was not kept). All float64 but `keep`."""
+    rows = torch.arange(len(w0))[:, None]
+    kb = keep[rows, blocks]
+    wb, w0b = weight[rows, blocks], w0[rows, blocks]
+    g = ((weight * keep - w0) @ h)[rows, blocks]
+    hb = h[blocks[:, :, None], blocks[:, None, :]]
+    v = torch.where(kb, wb, w0b)
+    q, c, scaled = batch_qubos(v, v - wb * kb, g, hb)
+    x_now = (~kb).to(torch.int8).numpy()
+    local = groups[blocks]
+    local = local.numpy()
+    problems = []
+    for r in range(len(w0)):
+        _, ids = np.unique(local[r], return_inverse=True)
+        counts = np.bincount(ids, weights=x_now[r]).astype(np.int64)
+        problems.append(CardinalityQUBO(scaled[r].numpy(), counts, groups=ids, copy=False,
+                                        symmetric=True))
+    results = solver.solve_many(problems, list(x_now), seeds)
+    x = torch.as_tensor(np.stack([res.x for res in results])).double()
+    delta = ((x[:, None, :] @ q)[:, 0] * x).sum(1) + c
+    changed = (x != torch.as_tensor(x_now)).any(1)
+    take = changed & (delta < 0)
+    if take.any():
+        new_keep = x[take] == 0
+        back = new_keep & ~kb[take]
+        tb = blocks[take]
+        trows = rows[take]
+        keep[trows, tb] = new_keep
+        weight[trows, tb] = torch.where(back, w0b[take], wb[take])
+    return torch.where(take, delta, torch.zeros_like(delta))
+
+
+def improve_rows_batched(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, *,
+                         weight: torch.Tensor, scores: torch.Tensor, pattern: Pattern,
+                         block_size: int, solver, seed: int, seconds: float | None = None,
+                         steps: int | None = None, order: torch.Tensor | None = None
+                         ) -> BatchedResult:
+    """Layerwise block steps on every row of a layer (`per_output` or N:M), in batches of
+    rows that step together, cycling over the batches (rows in `order`, e.g. worst first)
+    until `seconds` or `steps` (row steps) are spent. `hessian` is the steps' H (any ridge
+    included), `scores` rank the candidates (higher: keep)."""
+    if pattern.kind == "unstructured":
+        raise ValueError("batched steps need a per-row count (per_output or N:M); "
+                         "unstructured has one count per layer")
+    rows, cols = weight0.shape
+    h = hessian.double().cpu()
+    w0 = weight0.double().cpu()
+    current = weight.double().cpu().clone()
+    keep = mask.cpu().clone()
+    scores = scores.double().cpu()
+    groups = group_ids((1, cols), pattern)[0]
+    order = torch.arange(rows) if order is None else order.cpu()
+    size = max(1, ROW_ELEMENTS // block_size**2)
+    batches = [order[i:i + size] for i in range(0, rows, size)]
+    gen = torch.Generator().manual_seed(seed)
+    begin = time.perf_counter()
+    taken = accepted = 0
+    turn = 0
+    while (steps is None or taken < steps) and \
+            (seconds is None or time.perf_counter() - begin < seconds):
+        ids = batches[turn % len(batches)]
+        turn += 1
+        if steps is not None:
+            ids = ids[:steps - taken]
+        w, k = current[ids], keep[ids]
+        blocks = _blocks(k, scores[ids], groups, block_size, gen)
+        seeds = torch.randint(2**31, (len(ids),), generator=gen).tolist()
+        delta = batched_step(w0[ids], w, k, h, blocks, groups, solver, seeds)
+        current[ids], keep[ids] = w, k
+        taken += len(ids)
+        accepted += int((delta < 0).sum())
+    device = weight0.device
+    return BatchedResult(weight=current.float().to(device), mask=keep.to(device), steps=taken,
+                         accepted=accepted, seconds=time.perf_counter() - begin,
+                         passes=taken / rows)

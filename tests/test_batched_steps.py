@@ -1,0 +1,111 @@
+"""Layerwise block steps on many rows at once, against the one-block QUBO and brute force."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from icbs.baselines import magnitude_mask
+from icbs.batched_steps import batch_qubos, batched_step, improve_rows_batched
+from icbs.block_qubo import build_block_qubo
+from icbs.layerwise import improve_layer
+from icbs.masks import group_ids, mask_matches_pattern, parse_pattern
+from solvers import get_solver
+
+
+def _layer(rows=6, cols=16, tokens=40, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, cols, generator=gen, dtype=torch.float64)
+    h = x.T @ x / tokens
+    w0 = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    return w0, h
+
+
+def _error(w0, weight, keep, h):
+    d = weight * keep - w0
+    return 0.5 * ((d @ h) * d).sum(1)
+
+
+def test_batched_qubos_are_the_one_block_qubos():
+    gen = torch.Generator().manual_seed(1)
+    v, a, g = (torch.randn(3, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    m = torch.randn(3, 8, 8, generator=gen, dtype=torch.float64)
+    h = m @ m.transpose(1, 2)
+    q, c, _ = batch_qubos(v, a, g, h)
+    for r in range(3):
+        one = build_block_qubo(v[r], a[r], g[r], h[r], torch.zeros(8, dtype=torch.bool),
+                               torch.zeros(8, dtype=torch.long))
+        np.testing.assert_allclose(q[r].numpy(), one.Q, rtol=1e-12, atol=1e-12)
+        assert float(c[r]) == pytest.approx(one.c, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("pattern", ["per_output", "2:4"])
+def test_a_batched_step_takes_each_rows_exact_best_and_its_true_error_change(pattern):
+    pattern = parse_pattern(pattern)
+    w0, h = _layer()
+    keep = magnitude_mask(w0.float(), 0.5, pattern)
+    weight = w0 * keep * 0.9  # kept values away from w0, so the gradient matters
+    groups = group_ids((1, w0.shape[1]), pattern)[0]
+    blocks = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(r))[:8]
+                          .sort().values for r in range(len(w0))])
+    if pattern.kind == "nm":
+        blocks = torch.tensor([[0, 1, 2, 3, 8, 9, 10, 11]] * len(w0))
+    before = _error(w0, weight, keep, h)
+    w, k = weight.clone(), keep.clone()
+    delta = batched_step(w0, w, k, h, blocks, groups, get_solver("exhaustive"),
+                         [0] * len(w0))
+    after = _error(w0, w, k, h)
+    torch.testing.assert_close(after - before, delta, rtol=1e-9, atol=1e-12)
+    assert mask_matches_pattern(k, pattern, 0.5)
+    for r in range(len(w0)):  # brute force over every feasible mask of the row's block
+        best = 0.0
+        cols = blocks[r].tolist()
+        ids = groups[blocks[r]].tolist()
+        now = [int(not keep[r, c]) for c in cols]
+        for pruned in itertools.product([0, 1], repeat=8):
+            if any(sum(p for p, gg in zip(pruned, ids, strict=True) if gg == g) !=
+                   sum(p for p, gg in zip(now, ids, strict=True) if gg == g) for g in set(ids)):
+                continue
+            trial_keep, trial_w = keep[r].clone(), weight[r].clone()
+            for c, p in zip(cols, pruned, strict=True):
+                if not p and not keep[r, c]:
+                    trial_w[c] = w0[r, c]
+                trial_keep[c] = not p
+            change = float(_error(w0[r:r + 1], trial_w[None], trial_keep[None], h)[0]
+                           - before[r])
+            best = min(best, change)
+        assert float(delta[r]) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("pattern", ["per_output", "4:8"])
+def test_batched_rows_lower_the_error_keep_the_pattern_and_count_their_steps(pattern):
+    pattern = parse_pattern(pattern)
+    w0, h = _layer(rows=40, cols=32, tokens=64)
+    keep = magnitude_mask(w0.float(), 0.5, pattern)
+    scores = w0.abs()
+    result = improve_rows_batched(w0, h, keep, weight=w0 * keep, scores=scores, pattern=pattern,
+                                  block_size=16, solver=get_solver("greedy"), seed=0, steps=100)
+    assert result.steps == 100 and result.passes == 100 / 40
+    assert mask_matches_pattern(result.mask, pattern, 0.5)
+    assert _error(w0, result.weight.double(), result.mask, h).sum() < \
+        _error(w0, w0 * keep, keep, h).sum()
+    again = improve_rows_batched(w0, h, keep, weight=w0 * keep, scores=scores, pattern=pattern,
+                                 block_size=16, solver=get_solver("greedy"), seed=0, steps=100)
+    assert torch.equal(again.mask, result.mask) and torch.equal(again.weight, result.weight)
+
+
+def test_improve_layer_batched_matches_the_one_block_path_in_quality():
+    w0, h = _layer(rows=24, cols=64, tokens=200, seed=3)
+    w0, h = w0.float(), h.float()
+    keep = magnitude_mask(w0, 0.5, parse_pattern("per_output"))
+    common = dict(pattern="per_output", sparsity=0.5, steps=24 * 12, block_size=16,
+                  solver="greedy")
+    batched = improve_layer(w0, h, keep, batched=True, **common)
+    single = improve_layer(w0, h, keep, **common)
+    assert batched.steps == single.steps == 24 * 12
+    assert batched.error_after < batched.error_before
+    assert batched.error_after <= single.error_after * 1.05
+    with pytest.raises(ValueError, match="per-row count"):
+        improve_layer(w0, h, magnitude_mask(w0, 0.5, parse_pattern("unstructured")),
+                      batched=True, **{**common, "pattern": "unstructured"})
