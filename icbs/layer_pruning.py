@@ -44,6 +44,7 @@ class SequentialSettings(PruneSettings):
     mask_damp: float = 0.1  # iCBS mask steps: ridge on H, fraction of mean(diag H)
     objective: str = "layerwise"  # iCBS block steps: "layerwise" (kept weights frozen), "refit"
     steps: int | None = None  # iCBS block steps over the whole model instead of `budget`
+    batched_steps: bool = False  # layerwise steps: a block in each row of a batch at once
 
     def __post_init__(self):
         super().__post_init__()
@@ -53,6 +54,9 @@ class SequentialSettings(PruneSettings):
         integer_at_least("sparsegpt_columns", self.sparsegpt_columns, 1)
         if self.steps is not None:
             integer_at_least("steps", self.steps, 1)
+        if self.batched_steps and self.pattern == "unstructured":
+            raise ValueError("batched_steps needs a per-row count: pattern per_output or N:M, "
+                             "not unstructured (one count per layer)")
         for name in ("budget", "percdamp", "mask_damp"):
             finite_at_least(name, getattr(self, name))
 
@@ -103,7 +107,7 @@ def _solve(settings: SequentialSettings, w0: torch.Tensor, cov: InputCovariance 
             w0, hessian, mask, weight=weight, pattern=pattern, sparsity=s.sparsity,
             seconds=seconds, steps=steps, block_size=s.block_size, solver=s.solver,
             seed=s.seed, reconstruct=s.reconstruct, damp=s.percdamp, mask_damp=s.mask_damp,
-            objective=s.objective)
+            objective=s.objective, batched=s.batched_steps)
         weight, mask = result.weight.float(), result.mask
         record.update(steps=result.steps, accepted=result.accepted,
                       seconds_icbs=result.seconds, seconds_steps=result.step_seconds)

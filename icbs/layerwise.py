@@ -80,7 +80,7 @@ def improve_layer(
 
     `batched` (layerwise objective, per_output or N:M) steps a block in every row of a batch
     of rows at once (`icbs.batched_steps`), cycling over the rows, instead of one block a
-    step.
+    step (the refit objective's steps are batched always).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")

@@ -71,6 +71,9 @@ def add_commands(subparsers) -> None:
                        help="what iCBS block steps minimize: the layer error with the kept "
                             "weights frozen (layerwise, default) or after their least-squares "
                             "refit (refit; the result is refit)")
+    prune.add_argument("--batched-steps", action="store_true",
+                       help="layerwise objective, per_output or N:M: step a block in every row "
+                            "of a batch of rows per solver call, cycling over the rows")
     prune.add_argument("--reconstruct", action="store_true",
                        help="least-squares update of the kept weights (alternating with iCBS)")
     prune.add_argument("--sparsegpt-columns", type=int, default=128,
@@ -183,7 +186,7 @@ def run_prune(args) -> None:
         solver=args.solver,
         include=tuple(args.include), exclude=tuple(args.exclude),
         batch_size=8 if args.batch_size is None else args.batch_size, bos=args.bos,
-        objective=args.objective, steps=args.steps)
+        objective=args.objective, steps=args.steps, batched_steps=args.batched_steps)
     flag_at_least("--workers", args.workers, 1)
     if args.workers is not None and args.ray_address is not None:
         raise ValueError("give --workers (a local Ray instance) or --ray-address (a cluster), "
