@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numba import njit
 
 from icbs.masks import Pattern, group_ids
 from icbs.refit_steps import _draw
-from solvers import CardinalityQUBO
+from solvers import QUBOStack
 
-ROW_ELEMENTS = 2**22  # entries of one batch's stacked block Hessians (32 MB in float64)
+ROW_ELEMENTS = 2**20  # entries of one batch's stacked block Hessians (8 MB in float64)
 
 
 @dataclass
@@ -36,18 +37,45 @@ class BatchedResult:
     passes: float  # row steps / rows: how many times the budget went over every row
 
 
-def batch_qubos(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
-                eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Q, c, scaled Q) of dL(x) = x^T Q x + c for R blocks at once (`icbs.block_qubo`'s
-    model with gamma 1, no ridge; v, a, g: (R, B), h: (R, B, B) float64); the scaled Q is Q
-    over max|Q| per row with entries at most eps (relative) set to zero."""
-    q = 0.5 * v[:, :, None] * v[:, None, :] * h
-    q.diagonal(dim1=1, dim2=2).sub_(v * (h @ a[:, :, None])[:, :, 0] + v * g)
-    c = 0.5 * (a * (h @ a[:, :, None])[:, :, 0]).sum(1) + (g * a).sum(1)
-    scale = q.abs().amax((1, 2), keepdim=True)
-    scaled = torch.where(scale > 0, q / scale.clamp_min(1e-300), q)
-    scaled[scaled.abs() <= eps] = 0.0
-    return q, c, scaled
+@njit(cache=True)
+def block_qubos(h, blocks, v, a, g):
+    """The block QUBOs of R rows (`icbs.block_qubo`'s model with gamma 1, no ridge): for row
+    r with block columns blocks[r], kept values v, a = v - current and gradient g (all
+    (R, B) float64; h the (cols, cols) float64 Hessian), dL(x) = scale_r * x^T Q_r x + c_r.
+    Returns (Q (R, B, B) scaled to max|Q_r| = 1, c, scale), one pass over each block. Unlike
+    the one-block path, relatively tiny entries are not zeroed (the dense solvers gain
+    nothing from it)."""
+    rows, size = blocks.shape
+    q = np.empty((rows, size, size))
+    c = np.empty(rows)
+    scale = np.empty(rows)
+    ha = np.empty(size)
+    for r in range(rows):
+        idx = blocks[r]
+        for i in range(size):
+            hi = h[idx[i]]
+            total = 0.0
+            vi = 0.5 * v[r, i]
+            for j in range(size):
+                hij = hi[idx[j]]
+                total += hij * a[r, j]
+                q[r, i, j] = vi * v[r, j] * hij
+            ha[i] = total
+        cr = 0.0
+        for i in range(size):
+            q[r, i, i] -= v[r, i] * (ha[i] + g[r, i])
+            cr += a[r, i] * (0.5 * ha[i] + g[r, i])
+        top = 0.0
+        for i in range(size):
+            for j in range(size):
+                top = max(top, abs(q[r, i, j]))
+        top = top if top > 0 else 1.0
+        for i in range(size):
+            for j in range(size):
+                q[r, i, j] /= top
+        c[r] = cr
+        scale[r] = top
+    return q, c, scale
 
 
 def _blocks(keep: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, block_size: int,
@@ -76,28 +104,26 @@ def batched_step(w0: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, h: 
                  blocks: torch.Tensor, groups: torch.Tensor, solver, seeds: list[int]
                  ) -> torch.Tensor:
     """One block step in each row: `blocks` (R, B) columns per row, solved from the current
-    mask by one `solver.solve_many`; the improving answers are written into `weight` and
+    mask by one `solver.solve_stack`; the improving answers are written into `weight` and
     `keep` (a weight that comes back takes w0). Returns the model's change per row (0 where
     the answer was not kept). All float64 but `keep`."""
     rows = torch.arange(len(w0))[:, None]
     kb = keep[rows, blocks]
     wb, w0b = weight[rows, blocks], w0[rows, blocks]
     g = ((weight * keep - w0) @ h)[rows, blocks]
-    hb = h[blocks[:, :, None], blocks[:, None, :]]
     v = torch.where(kb, wb, w0b)
-    q, c, scaled = batch_qubos(v, v - wb * kb, g, hb)
-    x_now = (~kb).to(torch.int8).numpy()
-    local = groups[blocks]
-    local = local.numpy()
-    problems = []
-    for r in range(len(w0)):
-        _, ids = np.unique(local[r], return_inverse=True)
-        counts = np.bincount(ids, weights=x_now[r]).astype(np.int64)
-        problems.append(CardinalityQUBO(scaled[r].numpy(), counts, groups=ids, copy=False,
-                                        symmetric=True))
-    results = solver.solve_many(problems, list(x_now), seeds)
-    x = torch.as_tensor(np.stack([res.x for res in results])).double()
-    delta = ((x[:, None, :] @ q)[:, 0] * x).sum(1) + c
+    q, c, scale = (torch.as_tensor(t) for t in block_qubos(
+        h.numpy(), blocks.numpy(), v.numpy(), (v - wb * kb).numpy(), g.numpy()))
+    x_now = (~kb).to(torch.int8)
+    local = groups[blocks]  # the blocks' columns are sorted, so a row's groups are runs
+    local = torch.cat([torch.zeros_like(local[:, :1]),
+                       (local[:, 1:] != local[:, :-1]).long().cumsum(1)], 1)
+    counts = torch.zeros(len(local), int(local.max()) + 1, dtype=torch.long).scatter_add_(
+        1, local, x_now.long())
+    stack = QUBOStack(q.numpy(), counts.numpy(), local.numpy())
+    x, energies = solver.solve_stack(stack, x_now.numpy(), seeds)
+    x = torch.as_tensor(x).double()
+    delta = torch.as_tensor(energies) * scale + c
     changed = (x != torch.as_tensor(x_now)).any(1)
     take = changed & (delta < 0)
     if take.any():

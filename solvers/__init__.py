@@ -11,10 +11,11 @@ Solvers: exhaustive, greedy, anneal (numba swap annealing), neal and dimod (pena
 from solvers import anneal, exhaustive, greedy, penalty  # noqa: F401  (register solvers)
 from solvers.base import Solver, SolveResult, available, get_solver, register
 from solvers.ocean import SwapAnnealSampler
-from solvers.problem import CardinalityQUBO
+from solvers.problem import CardinalityQUBO, QUBOStack
 
 __all__ = [
     "CardinalityQUBO",
+    "QUBOStack",
     "SolveResult",
     "Solver",
     "SwapAnnealSampler",

@@ -240,6 +240,21 @@ def polish_swaps(Q, x, f, perm, gstart, gk, gsize, rowmax, max_swaps):
 
 
 @njit(cache=True)
+def polish_many(Q, x, perm, gstart, gk, gsize, max_swaps):
+    """`polish_swaps` on each of a stack of problems (Q: (P, n, n), the others one row per
+    problem) from x, which is updated in place; returns the energies x^T Q x."""
+    energies = np.zeros(Q.shape[0])
+    for p in range(Q.shape[0]):
+        f = fields(Q[p], x[p])
+        polish_swaps(Q[p], x[p], f, perm[p], gstart[p], gk[p], gsize[p],
+                     row_max_offdiag(Q[p]), max_swaps)
+        for i in range(x.shape[1]):
+            if x[p, i]:
+                energies[p] += f[i]
+    return energies
+
+
+@njit(cache=True)
 def repair_counts(Q, x, f, groups, k, counts):
     """Flip variables greedily until every group g has exactly k[g] ones.
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from solvers.problem import CardinalityQUBO
+    from solvers.problem import CardinalityQUBO, QUBOStack
 
 
 @dataclass
@@ -68,6 +68,17 @@ class Solver:
             raise ValueError(f"solve_many needs one x0 and one seed per problem, got "
                              f"{len(problems)} problems, {len(x0s)} x0s, {len(seeds)} seeds")
         return [self.solve(p, x0, s) for p, x0, s in zip(problems, x0s, seeds, strict=True)]
+
+    def solve_stack(
+        self, stack: QUBOStack, x0: np.ndarray, seeds: list[int | None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Solve the problems of a `QUBOStack` from the warm starts `x0` (P, n): the answers
+        (P, n) int8 and their energies (P,). A backend with a kernel over the stack (greedy)
+        overrides this loop over `solve_many`."""
+        x0 = stack.check_states(x0, what="warm start x0")
+        results = self.solve_many([stack.problem(i) for i in range(len(stack))], list(x0),
+                                  seeds)
+        return np.stack([r.x for r in results]), np.array([r.energy for r in results])
 
     def _solve(
         self, problem: CardinalityQUBO, x0: np.ndarray | None, rng: np.random.Generator

@@ -39,3 +39,13 @@ class GreedySwap(Solver):
         _, swaps, passes = K.polish_swaps(problem.Q, x, f, perm, gstart, problem.k,
                                           problem.sizes, row_max(problem), limit)
         return x, {"iterations": int(swaps), "passes": int(passes), "restarts": 1}
+
+    def solve_stack(self, stack, x0, seeds=None):
+        """The stack in one kernel call: the same answers as `solve` on each problem."""
+        x = stack.check_states(x0, what="warm start x0")
+        perm = np.argsort(2 * stack.groups + (1 - x), axis=1, kind="stable").astype(np.int64)
+        gstart = np.zeros_like(stack.sizes)
+        gstart[:, 1:] = np.cumsum(stack.sizes, axis=1)[:, :-1]
+        limit = np.iinfo(np.int64).max if self.max_swaps is None else self.max_swaps
+        energies = K.polish_many(stack.Q, x, perm, gstart, stack.k, stack.sizes, limit)
+        return stack.check_states(x, what="the greedy answer"), energies

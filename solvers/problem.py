@@ -356,3 +356,53 @@ class CardinalityQUBO:
         np.add.at(Q, (lo[~diag], hi[~diag]), half)
         np.add.at(Q, (hi[~diag], lo[~diag]), half)
         return cls(Q, k, groups, const, copy=False)
+
+
+class QUBOStack:
+    """P cardinality QUBOs of one size n and group count G, stacked (the block QUBOs of many
+    rows): Q (P, n, n), float64 and exactly symmetric (the caller guarantees it), k (P, G)
+    and groups (P, n) with values 0..G-1, every group non-empty. Checked as a whole, with
+    no per-problem Python; `problem(i)` is problem i as a `CardinalityQUBO`."""
+
+    def __init__(self, Q: Any, k: Any, groups: Any) -> None:
+        Q = np.ascontiguousarray(Q, dtype=np.float64)
+        if Q.ndim != 3 or Q.shape[1] != Q.shape[2]:
+            raise ValueError(f"Q must be a (P, n, n) stack of square matrices, got {Q.shape}")
+        count, n = Q.shape[:2]
+        with np.errstate(over="ignore", invalid="ignore"):
+            if not np.isfinite(Q.sum()):  # one pass: NaN or Inf anywhere makes it so
+                raise ValueError("Q must be finite (and its sum must not overflow)")
+        groups = np.asarray(groups, dtype=np.int64)
+        k = np.asarray(k, dtype=np.int64)
+        if groups.shape != (count, n) or k.ndim != 2 or len(k) != count:
+            raise ValueError(f"groups must be ({count}, {n}) and k ({count}, G), got "
+                             f"{groups.shape} and {k.shape}")
+        if groups.size and (groups.min() < 0 or groups.max() >= k.shape[1]):
+            raise ValueError(f"groups must hold values 0..{k.shape[1] - 1}")
+        sizes = (groups[:, :, None] == np.arange(k.shape[1])).sum(1)
+        if (sizes == 0).any() or (k < 0).any() or (k > sizes).any():
+            raise ValueError("every group must be non-empty with 0 <= k_g <= its size")
+        self.Q, self.k, self.groups, self.sizes = Q, k, groups, sizes
+
+    def __len__(self) -> int:
+        return len(self.Q)
+
+    def problem(self, i: int) -> CardinalityQUBO:
+        return CardinalityQUBO(self.Q[i], self.k[i], self.groups[i], copy=False, symmetric=True)
+
+    def check_states(self, x: Any, what: str = "x") -> np.ndarray:
+        """`x` (P, n) as int8 if every row is feasible for its problem, else ValueError."""
+        arr = np.asarray(x)
+        if arr.shape != self.groups.shape or not np.isin(arr, (0, 1)).all():
+            raise ValueError(f"{what} must be a {self.groups.shape} array of 0 and 1")
+        arr = arr.astype(np.int8)
+        counts = ((self.groups[:, :, None] == np.arange(self.k.shape[1])) * arr[:, :, None]).sum(1)
+        bad = np.flatnonzero((counts != self.k).any(1))
+        if bad.size:
+            raise ValueError(f"{what} is infeasible for problem {int(bad[0])} "
+                             f"({bad.size} problems wrong)")
+        return arr
+
+    def energies(self, x: np.ndarray) -> np.ndarray:
+        xf = np.asarray(x, dtype=np.float64)
+        return np.einsum("pi,pi->p", np.einsum("pij,pj->pi", self.Q, xf), xf)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from icbs.baselines import magnitude_mask
-from icbs.batched_steps import batch_qubos, batched_step, improve_rows_batched
+from icbs.batched_steps import batched_step, block_qubos, improve_rows_batched
 from icbs.block_qubo import build_block_qubo
 from icbs.layerwise import improve_layer
 from icbs.masks import group_ids, mask_matches_pattern, parse_pattern
@@ -30,13 +30,16 @@ def _error(w0, weight, keep, h):
 def test_batched_qubos_are_the_one_block_qubos():
     gen = torch.Generator().manual_seed(1)
     v, a, g = (torch.randn(3, 8, generator=gen, dtype=torch.float64) for _ in range(3))
-    m = torch.randn(3, 8, 8, generator=gen, dtype=torch.float64)
-    h = m @ m.transpose(1, 2)
-    q, c, _ = batch_qubos(v, a, g, h)
+    m = torch.randn(20, 20, generator=gen, dtype=torch.float64)
+    h = m @ m.T
+    blocks = torch.stack([torch.randperm(20, generator=gen)[:8] for _ in range(3)])
+    q, c, scale = block_qubos(h.numpy(), blocks.numpy(), v.numpy(), a.numpy(), g.numpy())
     for r in range(3):
-        one = build_block_qubo(v[r], a[r], g[r], h[r], torch.zeros(8, dtype=torch.bool),
+        hb = h[blocks[r]][:, blocks[r]]
+        one = build_block_qubo(v[r], a[r], g[r], hb, torch.zeros(8, dtype=torch.bool),
                                torch.zeros(8, dtype=torch.long))
-        np.testing.assert_allclose(q[r].numpy(), one.Q, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(q[r] * scale[r], one.Q, rtol=1e-12, atol=1e-12)
+        assert np.abs(q[r]).max() == pytest.approx(1.0)
         assert float(c[r]) == pytest.approx(one.c, rel=1e-12, abs=1e-12)
 
 

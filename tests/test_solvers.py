@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from solvers import CardinalityQUBO, SolveResult, available, get_solver
+from solvers import CardinalityQUBO, QUBOStack, SolveResult, available, get_solver
 from solvers import _kernels as K
 from solvers.penalty import repair
 
@@ -166,6 +166,30 @@ def test_solve_many_answers_each_problem_as_solve_does(name):
         assert np.array_equal(result.x, one.x) and result.energy == one.energy
     with pytest.raises(ValueError, match="one x0 and one seed per problem"):
         solver.solve_many(problems, starts[:2], [1, 2, 3])
+
+
+@pytest.mark.parametrize("name", ["greedy", "anneal"])
+def test_a_stack_of_problems_is_solved_as_each_problem_alone(name):
+    rng = np.random.default_rng(6)
+    for groups in (1, 4):
+        gids = np.repeat(np.arange(groups), 24 // groups)
+        qs, ks = [], []
+        for _ in range(5):
+            a = rng.standard_normal((24, 24))
+            qs.append((a + a.T) / 2)
+            ks.append([int(rng.integers(1, 12 // groups)) for _ in range(groups)])  # < half
+        stack = QUBOStack(np.stack(qs), ks, np.tile(gids, (5, 1)))
+        starts = np.stack([stack.problem(i).magnitude_start() for i in range(5)])
+        solver = get_solver(name)
+        x, energies = solver.solve_stack(stack, starts, list(range(5)))
+        for i in range(5):
+            one = solver.solve(stack.problem(i), x0=starts[i], seed=i)
+            assert np.array_equal(x[i], one.x)
+            assert energies[i] == pytest.approx(one.energy, rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError, match="infeasible for problem 0"):
+        solver.solve_stack(stack, 1 - starts)
+    with pytest.raises(ValueError, match="k_g"):
+        QUBOStack(np.stack(qs), np.full((5, groups), 7), np.tile(gids, (5, 1)))
 
 
 def test_more_restarts_never_worse():
