@@ -136,6 +136,15 @@ def batched_step(w0: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, h: 
     return torch.where(take, delta, torch.zeros_like(delta))
 
 
+def warm_up(solver) -> None:
+    """Compile the kernels of a batched step (or load them from numba's cache) on a tiny
+    layer, so that it happens here and not inside a timed budget."""
+    w0 = torch.tensor([[1.0, -2.0, 0.5, 3.0]], dtype=torch.float64)
+    keep = torch.tensor([[True, False, True, False]])
+    batched_step(w0, w0.clone(), keep, torch.eye(4, dtype=torch.float64),
+                 torch.arange(4)[None], torch.zeros(4, dtype=torch.long), solver, [0])
+
+
 def improve_rows_batched(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, *,
                          weight: torch.Tensor, scores: torch.Tensor, pattern: Pattern,
                          block_size: int, solver, seed: int, seconds: float | None = None,

@@ -89,17 +89,26 @@ def _start(settings: SequentialSettings, pattern, w0: torch.Tensor, cov: InputCo
     return w0 * mask, mask
 
 
-def _solve(settings: SequentialSettings, w0: torch.Tensor, cov: InputCovariance | None,
-           seconds: float | None, steps: int | None):
-    """(weight with zeros where pruned, mask, record) of one weight matrix."""
+def start_weight(settings: SequentialSettings, w0: torch.Tensor,
+                 cov: InputCovariance | None):
+    """(weight, mask, record) of the settings' one-shot start on one weight matrix."""
+    tic = time.perf_counter()
+    weight, mask = _start(settings, parse_pattern(settings.pattern), w0, cov)
+    record = {"seconds_start": time.perf_counter() - tic}
+    if cov is not None:
+        record["error_before"] = float(reconstruction_error(w0, weight, cov.hessian).sum())
+    return weight, mask, record
+
+
+def improve_weight(settings: SequentialSettings, w0: torch.Tensor,
+                   hessian: torch.Tensor | None, weight: torch.Tensor, mask: torch.Tensor,
+                   seconds: float | None, steps: int | None):
+    """(weight with zeros where pruned, mask, record) after the settings' iCBS steps (or
+    refit) from a start; rows are independent here, so the rows of a layer may be improved
+    in parts (per_output, N:M)."""
     s = settings
     pattern = parse_pattern(s.pattern)
-    tic = time.perf_counter()
-    weight, mask = _start(s, pattern, w0, cov)
-    record = {"seconds_start": time.perf_counter() - tic}
-    hessian = cov.hessian if cov is not None else None
-    if hessian is not None:
-        record["error_before"] = float(reconstruction_error(w0, weight, hessian).sum())
+    record = {}
     if s.method == "icbs":
         from .layerwise import improve_layer
 
@@ -125,6 +134,28 @@ def _solve(settings: SequentialSettings, w0: torch.Tensor, cov: InputCovariance 
     return weight, mask, record
 
 
+def _solve(settings: SequentialSettings, w0: torch.Tensor, cov: InputCovariance | None,
+           seconds: float | None, steps: int | None):
+    """(weight with zeros where pruned, mask, record) of one weight matrix."""
+    weight, mask, record = start_weight(settings, w0, cov)
+    weight, mask, improved = improve_weight(settings, w0, None if cov is None else cov.hessian,
+                                            weight, mask, seconds, steps)
+    return weight, mask, {**record, **improved}
+
+
+def _merge(records: list[dict], rows: list[int]) -> dict:
+    """One record of a layer improved in row parts: counts and times summed, the
+    convergence's fractions weighted by rows."""
+    merged = {key: sum(r[key] for r in records) for key in records[0]
+              if key not in ("convergence", "error_after")}
+    if "convergence" in records[0]:
+        merged["convergence"] = {
+            key: sum(r["convergence"][key] * (1 if isinstance(value, int) else n / sum(rows))
+                     for r, n in zip(records, rows, strict=True))
+            for key, value in records[0]["convergence"].items()}
+    return merged
+
+
 @torch.no_grad()
 def prune_weight(settings: SequentialSettings, w0: torch.Tensor,
                  cov: InputCovariance | list[InputCovariance] | None,
@@ -144,6 +175,12 @@ def prune_weight(settings: SequentialSettings, w0: torch.Tensor,
     record = {key: sum(p[2][key] for p in parts) for key in parts[0][2] if key != "convergence"}
     record["groups"] = len(cov)
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), record
+
+
+def layer_job(kind: str, *args):
+    """The jobs an executor runs: "prune" (`prune_weight`), "start" (`start_weight`) or
+    "improve" (`improve_weight`), each a pure function of its arguments."""
+    return {"prune": prune_weight, "start": start_weight, "improve": improve_weight}[kind](*args)
 
 
 class LayerPruner:
@@ -191,16 +228,16 @@ class LayerPruner:
     def prune_block(self, layers: dict[str, nn.Module],
                     stats: dict[str, InputCovariance | list[InputCovariance]]) -> list[dict]:
         """Prune every module of `layers` (name -> module) given `stats` (name -> input
-        statistics; absent for magnitude); one record per layer, in order. In this process
-        the layers go one by one (a stop is honoured after any of them); on workers the
-        block's layers go out together."""
+        statistics; absent for magnitude); one record per layer, in order. With one worker
+        the layers go one by one (a stop is honoured after any of them); with more, the
+        block's layers go out together (large ones in row parts, `_parts`)."""
         records = {}
         for name in layers:
             if name in self.restored:
                 weight, mask, records[name] = self.restored[name]
                 self._write(layers[name], name, weight, mask)
         fresh = [name for name in layers if name not in self.restored]
-        one_by_one = isinstance(self.executor, LocalExecutor)
+        one_by_one = self.executor.parallel == 1
         for chunk in [[name] for name in fresh] if one_by_one else [fresh] if fresh else []:
             if self.stop_requested:
                 raise Interrupted(chunk[0])
@@ -209,11 +246,8 @@ class LayerPruner:
                 weight = layers[name].weight
                 check_layer(name, weight)
                 w0s[name] = weight.detach().float().reshape(weight.shape[0], -1)
-            jobs = [(self.settings, w0s[name], stats.get(name),
-                     *self._budget(w0s[name].numel())) for name in chunk]
-            results = self.executor.map(prune_weight, jobs,
-                                        sizes=[w0s[name].numel() for name in chunk])
-            for name, (weight, mask, record) in zip(chunk, results, strict=True):
+            results = self._run(w0s, stats)
+            for name, (weight, mask, record) in results.items():
                 record.update(shape=list(w0s[name].shape),
                               sparsity=1.0 - float(mask.float().mean()))
                 module = layers[name]
@@ -225,6 +259,56 @@ class LayerPruner:
         if self.stop_requested and not one_by_one:
             raise Interrupted(next(reversed(layers)))
         return [records[name] for name in layers]
+
+    def _parts(self, w0s: dict[str, torch.Tensor], stats: dict) -> dict[str, int]:
+        """How many row parts each layer's block steps go out in: with more workers than a
+        block's layers keep busy, a layer larger than the block's weights over the workers
+        is split, where its rows are independent (iCBS, per_output or N:M)."""
+        s = self.settings
+        total = sum(w.numel() for w in w0s.values())
+        share = -(-total // self.executor.parallel)
+        splittable = s.method == "icbs" and self.pattern.kind != "unstructured"
+        return {name: min(len(w), -(-w.numel() // share))
+                if splittable and not isinstance(stats.get(name), list) else 1
+                for name, w in w0s.items()}
+
+    def _run(self, w0s: dict[str, torch.Tensor], stats: dict) -> dict[str, tuple]:
+        """(weight, mask, record) of every layer of `w0s`, as executor jobs: a whole layer
+        each (`prune_weight`) or, for a layer in row parts, its start first and then one
+        `improve_weight` job per part, with the part's share of the budget."""
+        parts = self._parts(w0s, stats)
+        split = [n for n in w0s if parts[n] > 1]
+        starts = dict(zip(split, self.executor.map(
+            layer_job, [("start", self.settings, w0s[n], stats.get(n)) for n in split],
+            sizes=[w0s[n].numel() for n in split]), strict=True))
+        jobs, owners = [], []
+        for name, w0 in w0s.items():
+            if name not in starts:
+                jobs.append(("prune", self.settings, w0, stats.get(name),
+                             *self._budget(w0.numel())))
+                owners.append((name, None))
+                continue
+            weight, mask, _ = starts[name]
+            for rows in torch.arange(len(w0)).tensor_split(parts[name]):
+                jobs.append(("improve", self.settings, w0[rows], stats[name].hessian,
+                             weight[rows], mask[rows], *self._budget(w0[rows].numel())))
+                owners.append((name, len(rows)))
+        done = self.executor.map(layer_job, jobs, sizes=[job[2].numel() for job in jobs])
+        results = {}
+        for name in w0s:
+            mine = [(rows, d) for (owner, rows), d in zip(owners, done, strict=True)
+                    if owner == name]
+            if name not in starts:
+                results[name] = mine[0][1]
+                continue
+            weight = torch.cat([d[0] for _, d in mine])
+            mask = torch.cat([d[1] for _, d in mine])
+            record = {**starts[name][2], **_merge([d[2] for _, d in mine],
+                                                  [rows for rows, _ in mine])}
+            record.update(row_parts=parts[name], error_after=float(reconstruction_error(
+                w0s[name], weight, stats[name].hessian).sum()))
+            results[name] = (weight, mask, record)
+        return results
 
     def _write(self, module: nn.Module, name: str, weight: torch.Tensor, mask: torch.Tensor):
         module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.device,

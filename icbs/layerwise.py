@@ -15,6 +15,7 @@ import torch
 
 from icbs.baselines import wanda_scores
 from icbs.batched_steps import improve_rows_batched
+from icbs.batched_steps import warm_up as warm_up_batched
 from icbs.estimators import LayerwiseEstimator
 from icbs.layers import PrunableLayer
 from icbs.masks import Pattern, group_ids, mask_matches_pattern, parse_pattern
@@ -99,6 +100,8 @@ def improve_layer(
     current = (w0 if weight is None else weight.float()).clone()
     block_solver = resolve_solver(solver)
     block_solver.warm_up()  # compilation is set-up, not budget
+    if batched and objective == "layerwise":
+        warm_up_batched(block_solver)
     block_size = capped_block_size(block_size, block_solver)
     start_errors = reconstruction_error(w0, current * mask, hessian)
     if objective == "refit":

@@ -16,11 +16,14 @@ pytest.importorskip("transformers")
 from test_llm import TEXT, _tiny_llama_dir  # noqa: E402
 
 from icbs.cli import main  # noqa: E402
+from icbs.distributed import LocalExecutor  # noqa: E402
+from icbs.layer_pruning import LayerPruner  # noqa: E402
 from icbs.llm.data import eval_windows, read_text, tokenize  # noqa: E402
 from icbs.llm.evaluate import perplexity  # noqa: E402
 from icbs.llm.lazy import LazyModel  # noqa: E402
 from icbs.llm.load import load_model  # noqa: E402
 from icbs.llm.prune import LLMPruneSettings, prune_model  # noqa: E402
+from icbs.masks import mask_matches_pattern, parse_pattern  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +117,7 @@ def _same(a, b):
 def _ray_tasks():
     listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in listing.splitlines()
-            if line.split()[1:2] == ["ray::prune_weight"]]
+            if line.split()[1:2] == ["ray::layer_job"]]
 
 
 def test_ray_workers_give_the_same_result_even_when_one_is_killed(files, tmp_path):
@@ -153,3 +156,31 @@ def test_workers_and_an_address_together_are_refused(files, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(_args(files, tmp_path / "o", "--workers", "0"))
     assert "--workers must be >= 1" in capsys.readouterr().err
+
+
+class _EightWorkers(LocalExecutor):
+    """Runs here, but says it has eight workers, so that layers go out in row parts."""
+
+    parallel = 8
+
+
+def test_layers_split_into_row_parts_for_many_workers_stay_valid_and_deterministic(files):
+    results = []
+    for _ in range(2):
+        model, tokenizer = load_model(files["model"], "cpu")
+        settings = LLMPruneSettings(method="icbs", pattern="per_output", nsamples=4, seqlen=32,
+                                    steps=600, block_size=16)
+        report = prune_model(model, tokenizer, settings, [files["text"]],
+                             layer_pruner=lambda s, total: LayerPruner(
+                                 s, total, executor=_EightWorkers()))
+        results.append((report, model.state_dict()))
+    report, state = results[0]
+    parts = {r["name"]: r.get("row_parts", 1) for r in report["layers"]}
+    assert parts["model.layers.0.mlp.down_proj"] == 2  # 8192 weights > 36864 / 8
+    assert parts["model.layers.0.self_attn.k_proj"] == 1
+    for record in report["layers"]:
+        assert mask_matches_pattern(report["masks"][record["name"]], parse_pattern("per_output"),
+                                    0.5)
+        assert record["error_after"] < record["error_before"]
+    assert sum(r["steps"] for r in report["layers"]) == pytest.approx(600, abs=30)
+    assert all(torch.equal(state[k], results[1][1][k]) for k in state)
