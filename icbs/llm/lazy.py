@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..report import write_atomic
+from .evaluate import next_token_nll
 from .sequential import capture_block_inputs, decoder_blocks
 
 INDEX = "model.safetensors.index.json"
@@ -191,11 +192,9 @@ class LazyModel:
                                      strict=True):
                 batch = windows[start:start + batch_size].to(self.device)
                 self.blocks[-1].hidden = hidden
-                logits = self.model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-                total += float(nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                    reduction="sum"))
-                count += batch[:, 1:].numel()
+                nll, tokens = next_token_nll(self.model(input_ids=batch,
+                                                        use_cache=False).logits, batch)
+                total, count = total + nll, count + tokens
         finally:
             for index, block in enumerate(originals):
                 self.blocks[index] = block
