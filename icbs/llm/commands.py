@@ -174,7 +174,7 @@ def text_perplexity(model, tokenizer, paths, seqlen: int, max_tokens: int | None
 def run_prune(args) -> None:
     from ..checks import flag_at_least
     from .data import read_text
-    from .lazy import LazyModel, ShardWriter, peak_memory
+    from .lazy import LazyModel, ShardWriter, bound_heap, peak_memory
     from .load import choose_device, resolve_model_dir
 
     _setup(args)
@@ -202,6 +202,7 @@ def run_prune(args) -> None:
                 "calib": [str(p) for p in args.calib]}
     run = RunDirectory(args.out, identity, args.resume)
     restored = run.restored()
+    bound_heap()
     tic = time.perf_counter()
     from transformers import AutoTokenizer
 

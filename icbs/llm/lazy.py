@@ -238,6 +238,22 @@ class ShardWriter:
              "weight_map": dict(sorted(self.weight_map.items()))}, indent=2).encode())
 
 
+def bound_heap(threshold: int = 1 << 20) -> None:
+    """Have glibc serve every allocation of `threshold` bytes or more by mmap, returned to
+    the system when freed. Its default threshold rises to the size of the largest freed
+    buffer, after which block-sized buffers come from the heap and fragment it: measured on
+    a random 1024-wide LLaMA, RSS then grew by about one block (50 MB) per decoder block
+    pruned, and stayed flat with this. No-op where the C library has no mallopt."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; a set value also stops its growth
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory(device: torch.device) -> dict:
     """The process's peak resident set size and, on CUDA, peak allocated device memory."""
     peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
