@@ -3,9 +3,9 @@
 For the layerwise objective (kept weights frozen) the rows of a layer are independent
 problems whenever the pattern counts per row or per group of a row (`per_output`, N:M): a
 step can take one block in each of R rows and solve R QUBOs in one solver call. Each row's
-block QUBO is the one `icbs.block_qubo` builds for it (the same model, written here for a
-leading row dimension: the Hessian blocks are gathered as one (R, B, B) tensor), and since
-that model is exact every improving answer is kept, as on the one-block path. The blocks are
+block QUBO is the one `icbs.block_qubo` builds for it (the same model, built for all R rows
+in one numba pass over the layer's H, `block_qubos`), and since that model is exact every
+improving answer is kept, as on the one-block path. The blocks are
 drawn per row as `icbs.refit_steps.choose_blocks` draws them: half pruned weights, the ones
 with the highest scores, half kept ones with the lowest, at random from the best twice as
 many (for N:M, whole groups ranked by their best pruned score over their worst kept one).

@@ -122,17 +122,9 @@ def improve_layer(
 
     layer = PrunableLayer("layer", None, w0, mask.clone(), current)
     ridge = mask_damp * torch.diagonal(hessian).mean()
-    estimator = LayerwiseEstimator({"layer": hessian.float() + ridge * torch.eye(
-        len(hessian), dtype=torch.float32, device=hessian.device)})
-    exact = LayerwiseEstimator({"layer": hessian.float()}) if mask_damp else estimator
+    exact = LayerwiseEstimator({"layer": hessian.float()})
     scores = wanda_scores(w0, torch.sqrt(torch.diagonal(hessian).clamp_min(0)))
-    selector = BlockSelector([layer], {"layer": scores}, pattern, block_size)
-    # Under a budget that covers only part of the layer, the worst rows go first.
-    selector.prioritize_rows(0, start_errors.cpu().numpy())
-    groups = group_ids(layer.shape, pattern).flatten().to(w0.device)
-    rng = np.random.default_rng(seed)
     error_before = exact.layer_error(layer)
-
     n_rounds = rounds if reconstruct else 1
     taken = accepted = 0
     step_seconds = 0.0
@@ -156,6 +148,14 @@ def improve_layer(
             error_after=exact.layer_error(layer), steps=taken, accepted=accepted,
             seconds=time.perf_counter() - start, step_seconds=step_seconds,
             convergence={"rows": len(w0), "passes": taken / len(w0)})
+
+    estimator = LayerwiseEstimator({"layer": hessian.float() + ridge * torch.eye(
+        len(hessian), dtype=torch.float32, device=hessian.device)}) if mask_damp else exact
+    selector = BlockSelector([layer], {"layer": scores}, pattern, block_size)
+    # Under a budget that covers only part of the layer, the worst rows go first.
+    selector.prioritize_rows(0, start_errors.cpu().numpy())
+    groups = group_ids(layer.shape, pattern).flatten().to(w0.device)
+    rng = np.random.default_rng(seed)
     cols = layer.shape[1]
     stale = torch.ones(layer.shape[0], dtype=torch.bool, device=w0.device)  # rows to refit
 
