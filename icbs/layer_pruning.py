@@ -144,10 +144,10 @@ def _solve(settings: SequentialSettings, w0: torch.Tensor, cov: InputCovariance 
 
 
 def _merge(records: list[dict], rows: list[int]) -> dict:
-    """One record of a layer improved in row parts: counts and times summed, the
-    convergence's fractions weighted by rows."""
-    merged = {key: sum(r[key] for r in records) for key in records[0]
-              if key not in ("convergence", "error_after")}
+    """One record of a layer solved in row parts (groups of a grouped convolution, row
+    parts on workers): counts, times and errors summed (a layer's error is the sum of its
+    rows'), the convergence's fractions weighted by rows."""
+    merged = {key: sum(r[key] for r in records) for key in records[0] if key != "convergence"}
     if "convergence" in records[0]:
         merged["convergence"] = {
             key: sum(r["convergence"][key] * (1 if isinstance(value, int) else n / sum(rows))
@@ -172,8 +172,7 @@ def prune_weight(settings: SequentialSettings, w0: torch.Tensor,
     parts = [_solve(settings, w0[g * rows:(g + 1) * rows], c, share[0],
                     None if share[1] is None else max(1, round(share[1])))
              for g, c in enumerate(cov)]
-    record = {key: sum(p[2][key] for p in parts) for key in parts[0][2] if key != "convergence"}
-    record["groups"] = len(cov)
+    record = {**_merge([p[2] for p in parts], [rows] * len(cov)), "groups": len(cov)}
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), record
 
 
@@ -304,9 +303,8 @@ class LayerPruner:
             weight = torch.cat([d[0] for _, d in mine])
             mask = torch.cat([d[1] for _, d in mine])
             record = {**starts[name][2], **_merge([d[2] for _, d in mine],
-                                                  [rows for rows, _ in mine])}
-            record.update(row_parts=parts[name], error_after=float(reconstruction_error(
-                w0s[name], weight, stats[name].hessian).sum()))
+                                                  [rows for rows, _ in mine]),
+                      "row_parts": parts[name]}
             results[name] = (weight, mask, record)
         return results
 
