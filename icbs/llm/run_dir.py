@@ -149,22 +149,18 @@ class RunDirectory:
 
     def write_masks(self, path: Path) -> None:
         """Every checkpointed layer's mask into one safetensors file, one layer read at a
-        time."""
+        time (each record holds its layer's shape)."""
         from safetensors import safe_open
 
-        def mask_of(file):
-            with safe_open(self.resume_dir / file, "pt") as handle:
+        files = {record["name"]: file for record, file in zip(self.records, self.files,
+                                                              strict=True)}
+
+        def mask_of(name):
+            with safe_open(self.resume_dir / files[name], "pt") as handle:
                 return handle.get_tensor("mask")
 
-        shapes = {}
-        for record, file in zip(self.records, self.files, strict=True):
-            with safe_open(self.resume_dir / file, "pt") as handle:
-                shapes[record["name"]] = handle.get_slice("mask").get_shape()
-        write_streamed(path, shapes, lambda name: mask_of(self.files[self._index[name]]))
-
-    @property
-    def _index(self) -> dict[str, int]:
-        return {record["name"]: i for i, record in enumerate(self.records)}
+        write_streamed(path, {record["name"]: record["shape"] for record in self.records},
+                       mask_of)
 
     def _commit(self) -> None:
         write_atomic(self.resume_dir / PROGRESS, json.dumps(
