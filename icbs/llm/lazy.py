@@ -48,39 +48,32 @@ class ShardedWeights:
         if not self.files:
             raise ValueError(f"{self.directory} holds no safetensors weights")
 
-    def read(self, names, device: torch.device, dtype: torch.dtype | None = None
-             ) -> dict[str, torch.Tensor]:
-        """The tensors `names` on `device` (floating ones cast to `dtype` when given)."""
+    def _each(self, names):
+        """(name, tensor) for the tensors `names`, file by file, each file open only while
+        its tensors are read."""
         from safetensors import safe_open
 
         by_file = defaultdict(list)
         for name in names:
             by_file[self.files[name]].append(name)
-        tensors = {}
         for file, members in by_file.items():
             with safe_open(self.directory / file, "pt") as handle:
                 for name in members:
-                    tensor = handle.get_tensor(name)
-                    if dtype is not None and tensor.is_floating_point():
-                        tensor = tensor.to(dtype)
-                    tensors[name] = tensor.to(device)
-        return tensors
+                    yield name, handle.get_tensor(name)
+
+    def read(self, names, device: torch.device, dtype: torch.dtype | None = None
+             ) -> dict[str, torch.Tensor]:
+        """The tensors `names` on `device` (floating ones cast to `dtype` when given)."""
+        return {name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point()
+                       else tensor).to(device) for name, tensor in self._each(names)}
 
     def check_finite(self, names) -> None:
         """Raise ValueError naming the first of the floating tensors `names` with a NaN or
         Inf entry; reads one tensor at a time."""
-        from safetensors import safe_open
-
-        by_file = defaultdict(list)
-        for name in names:
-            by_file[self.files[name]].append(name)
-        for file, members in by_file.items():
-            with safe_open(self.directory / file, "pt") as handle:
-                for name in members:
-                    tensor = handle.get_tensor(name)
-                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                        raise ValueError(f"{name.removesuffix('.weight')}: the weights have "
-                                         f"NaN or Inf entries")
+        for name, tensor in self._each(names):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{name.removesuffix('.weight')}: the weights have NaN or "
+                                 f"Inf entries")
 
     def dtypes(self) -> dict[str, torch.dtype]:
         """The stored dtype of every tensor (read from the headers, not the data)."""
