@@ -50,7 +50,9 @@ def _prune_args(files, out, **changes):
     args.update(changes)
     argv = ["prune"]
     for flag, value in args.items():
-        if value is not None:
+        if value is True:  # a switch
+            argv.append(flag)
+        elif value is not None:
             argv += [flag, str(value)]
     return argv
 
@@ -90,6 +92,9 @@ PRUNE_CASES = [
     ({"--seqlen": "1"}, "--seqlen must be >= 2, got 1"),
     ({"--seed": "-1"}, "seed must be an integer >= 0, got -1"),
     ({"--sparsegpt-columns": "0"}, "sparsegpt_columns must be an integer >= 1, got 0"),
+    ({"--method": "icbs", "--steps": "0"}, "steps must be an integer >= 1, got 0"),
+    ({"--method": "icbs", "--pattern": "unstructured", "--batched-steps": True},
+     "batched_steps needs a per-row count"),
     ({"--calib": "missing.txt"}, "text file not found: missing.txt"),
     ({"--calib": "BINARY"}, "weights.bin is not UTF-8 text"),
     ({"--eval-text": "BINARY"}, "weights.bin is not UTF-8 text"),
