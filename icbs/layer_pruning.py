@@ -19,7 +19,7 @@ from torch import nn
 from .baselines import alps_prune, magnitude_mask, sparsegpt_prune, wanda_mask
 from .checks import finite_at_least, integer_at_least, one_of
 from .distributed import LocalExecutor
-from .layer_stats import InputCovariance
+from .layer_stats import InputCovariance, dense_target
 from .layerwise import OBJECTIVES
 from .masks import check_layer, mask_matches_pattern, parse_pattern
 from .reconstruct import reconstruct_rows, reconstruction_error
@@ -195,7 +195,9 @@ class LayerPruner:
     not multiplied, so the result does not depend on the workers. Layers in `restored` (name
     -> (weight, mask, record), from a checkpoint) are set to their saved result instead of
     being pruned again; `on_layer(name, weight, mask, record)` is called after each newly
-    pruned layer (to checkpoint it). `masks` holds every layer's mask unless `keep_masks` is
+    pruned layer (to checkpoint it). Paired statistics (`InputCovariance.cross`) make each
+    layer's method prune toward `dense_target` instead of the layer's weights, and its
+    errors are measured from that target. `masks` holds every layer's mask unless `keep_masks` is
     off (a run that checkpoints them and holds one block at a time). Setting
     `stop_requested` makes the next block (or layer) boundary raise `Interrupted`."""
 
@@ -245,6 +247,9 @@ class LayerPruner:
                 weight = layers[name].weight
                 check_layer(name, weight)
                 w0s[name] = weight.detach().float().reshape(weight.shape[0], -1)
+                cov = stats.get(name)
+                if isinstance(cov, InputCovariance) and cov.cross is not None:
+                    w0s[name] = dense_target(w0s[name], cov, self.settings.percdamp)
             results = self._run(w0s, stats)
             for name, (weight, mask, record) in results.items():
                 record.update(shape=list(w0s[name].shape),

@@ -76,6 +76,11 @@ def add_commands(subparsers) -> None:
                             "of a batch of rows per solver call, cycling over the rows")
     prune.add_argument("--reconstruct", action="store_true",
                        help="least-squares update of the kept weights (alternating with iCBS)")
+    prune.add_argument("--dense-targets", action="store_true",
+                       help="fit every layer to the dense model's outputs (on the dense "
+                            "model's inputs) rather than to the dense weights on the pruned "
+                            "model's inputs, correcting the error made upstream; one more "
+                            "forward pass per block")
     prune.add_argument("--sparsegpt-columns", type=int, default=128,
                        help="columns SparseGPT prunes between lazy weight updates (its "
                             "`blocksize`, default 128; not the iCBS --block-size)")
@@ -186,7 +191,8 @@ def run_prune(args) -> None:
         solver=args.solver,
         include=tuple(args.include), exclude=tuple(args.exclude),
         batch_size=8 if args.batch_size is None else args.batch_size, bos=args.bos,
-        objective=args.objective, steps=args.steps, batched_steps=args.batched_steps)
+        objective=args.objective, steps=args.steps, batched_steps=args.batched_steps,
+        dense_targets=args.dense_targets)
     flag_at_least("--workers", args.workers, 1)
     if args.workers is not None and args.ray_address is not None:
         raise ValueError("give --workers (a local Ray instance) or --ray-address (a cluster), "

@@ -37,10 +37,14 @@ class LLMPruneSettings(SequentialSettings):
     seqlen: int = 512
     batch_size: int = 8
     bos: str = "auto"  # BOS before every calibration window: auto, yes, no
+    dense_targets: bool = False  # fit each layer to the dense model's outputs
 
     def __post_init__(self):
         super().__post_init__()
         one_of("bos", self.bos, BOS_CHOICES)
+        if self.dense_targets and not self.needs_calibration:
+            raise ValueError("dense_targets fits layers to calibration outputs: use a method "
+                             "other than magnitude, or reconstruct")
         for name in ("nsamples", "seqlen", "batch_size"):
             integer_at_least(name, getattr(self, name), 1)
 
@@ -88,7 +92,8 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
     records = prune_sequential(model, windows, pruner.prune_block, include=settings.include,
                                exclude=settings.exclude, batch_size=settings.batch_size,
                                progress=progress, restored=pruner.restored.keys(),
-                               load_block=load_block, block_done=block_done)
+                               load_block=load_block, block_done=block_done,
+                               dense_targets=settings.dense_targets)
     times["prune"] = time.perf_counter() - tic
     for key in ("seconds_start", "seconds_icbs", "seconds_steps", "seconds_reconstruct"):
         times[key.replace("seconds_", "layers_")] = sum(r.get(key, 0.0) for r in records)

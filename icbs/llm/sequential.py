@@ -113,39 +113,58 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def collect_statistics(block: nn.Module, layers: dict[str, nn.Linear],
-                       inputs: BlockInputs) -> dict[str, InputCovariance]:
-    """X X^T / tokens of each layer's inputs over all batches. Layers fed the very same tensor
-    in a call (q/k/v, gate/up) share one accumulator."""
-    covariances: dict[str, InputCovariance] = {}
-    leaders: dict[str, str] = {}
-    seen: list[tuple[torch.Tensor, str]] = []
+def _call_capturing(block: nn.Module, layers: dict[str, nn.Linear], hidden: torch.Tensor,
+                    args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(the block's output hidden states, each layer's input by name, in call order) of one
+    call of the block."""
+    captured: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str):
-        def hook(_module, args):
-            x = args[0]
-            for tensor, leader in seen:
-                if tensor is x:
-                    leaders[name] = leader
-                    return
-            seen.append((x, name))
-            if name not in covariances:
-                covariances[name] = InputCovariance(x.shape[-1], device=x.device)
-            covariances[name].add_batch(x)
+        def hook(_module, hook_args):
+            captured[name] = hook_args[0]
         return hook
 
     handles = [mod.register_forward_pre_hook(make_hook(name)) for name, mod in layers.items()]
     try:
-        for hidden, args, kwargs in inputs.calls():
-            block(hidden, *args, **kwargs)
-            seen.clear()
+        output = _hidden_output(block(hidden, *args, **kwargs))
     finally:
         for handle in handles:
             handle.remove()
+    return output, captured
+
+
+@torch.no_grad()
+def collect_statistics(block: nn.Module, layers: dict[str, nn.Linear], inputs: BlockInputs,
+                       dense: list[torch.Tensor] | None = None
+                       ) -> tuple[dict[str, InputCovariance], list[torch.Tensor] | None]:
+    """X X^T / tokens of each layer's inputs over all batches. Layers fed the very same tensor
+    in a call (q/k/v, gate/up) share one accumulator. With `dense` (the block's inputs in the
+    dense model, one tensor per batch; the block still dense) the statistics are paired with
+    the dense model's layer inputs on the same tokens (`InputCovariance.cross`), and the
+    block's dense outputs are returned as well (else None)."""
+    covariances: dict[str, InputCovariance] = {}
+    leaders: dict[str, str] = {}
+    dense_outputs = None if dense is None else []
+    for batch, (hidden, args, kwargs) in enumerate(inputs.calls()):
+        dense_inputs = None
+        if dense is not None:
+            output, dense_inputs = _call_capturing(block, layers, dense[batch], args, kwargs)
+            dense_outputs.append(output)
+        _, layer_inputs = _call_capturing(block, layers, hidden, args, kwargs)
+        first: dict[int, str] = {}
+        for name, x in layer_inputs.items():
+            leader = first.setdefault(id(x), name)
+            if leader != name:
+                leaders[name] = leader
+                continue
+            if name not in covariances:
+                covariances[name] = InputCovariance(x.shape[-1], device=x.device,
+                                                    paired=dense is not None)
+            covariances[name].add_batch(x, None if dense_inputs is None else dense_inputs[name])
     missing = [name for name in layers if name not in covariances and name not in leaders]
     if missing:
         raise ValueError(f"no calibration inputs reached {missing}")
-    return {name: covariances[leaders.get(name, name)] for name in layers}
+    return {name: covariances[leaders.get(name, name)] for name in layers}, dense_outputs
 
 
 BlockCallback = Callable[[dict[str, nn.Linear], dict[str, InputCovariance]], list[dict]]
@@ -164,7 +183,8 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor | None, prune_block
                      batch_size: int = 8, progress: bool = True,
                      restored: Container[str] = (),
                      load_block: Callable[[int], None] | None = None,
-                     block_done: Callable[[int], None] | None = None) -> list[dict]:
+                     block_done: Callable[[int], None] | None = None,
+                     dense_targets: bool = False) -> list[dict]:
     """Prune the linear layers of every decoder block, block by block.
 
     `prune_block(layers, statistics)` rewrites the `weight` of every module of `layers`
@@ -172,7 +192,11 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor | None, prune_block
     returns one record per layer for the report (`per_layer` makes one from a per-layer
     callback). With `windows=None` no calibration pass is made and statistics are empty.
     Layers in `restored` get no statistics (the callback sets their saved result), and a
-    block made only of them is just run forward. `load_block(index)` is called before block
+    block made only of them is just run forward. With `dense_targets` the dense model's
+    activations are carried beside the pruned model's and the statistics are paired with
+    them (`collect_statistics`), so that the callback can fit each layer to the dense
+    model's outputs rather than to the dense weights on the pruned model's inputs (which
+    leaves the error made upstream uncorrected). `load_block(index)` is called before block
     `index` is used and `block_done(index)` after its outputs were computed (a model held one
     block at a time, `icbs.llm.lazy`). Returns the records in order, each with the layer's
     name added.
@@ -180,6 +204,7 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor | None, prune_block
     prefix, blocks = decoder_blocks(model)
     inputs = None if windows is None else capture_block_inputs(model, blocks[0], windows,
                                                                batch_size)
+    dense = None if inputs is None or not dense_targets else list(inputs.hidden)
     records = []
     for index in tqdm(range(len(blocks)), desc="decoder blocks", disable=not progress):
         if load_block is not None:
@@ -187,12 +212,17 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor | None, prune_block
         block = blocks[index]
         layers = select_linears(block, f"{prefix}.{index}", include, exclude)
         fresh = [name for name in layers if name not in restored]
-        stats = collect_statistics(block, layers, inputs) if inputs and fresh else {}
+        stats, dense_outputs = {}, None
+        if inputs is not None and fresh:
+            stats, dense_outputs = collect_statistics(block, layers, inputs, dense)
+        elif dense is not None:  # a restored block, still dense until the callback
+            dense_outputs = run_block(block, BlockInputs(dense, inputs.args, inputs.kwargs))
         records += [{"name": name, **record} for name, record in
                     zip(layers, prune_block(layers, stats), strict=True)]
         del stats
         if inputs is not None and index + 1 < len(blocks):
             inputs.hidden = run_block(block, inputs)
+            dense = dense_outputs
         if block_done is not None:
             block_done(index)
         logger.info("pruned block %d/%d (%d layers)", index + 1, len(blocks), len(layers))
