@@ -95,6 +95,8 @@ PRUNE_CASES = [
     ({"--method": "icbs", "--steps": "0"}, "steps must be an integer >= 1, got 0"),
     ({"--method": "icbs", "--pattern": "unstructured", "--batched-steps": True},
      "batched_steps needs a per-row count"),
+    ({"--method": "magnitude", "--dense-targets": True},
+     "dense_targets fits layers to calibration outputs"),
     ({"--calib": "missing.txt"}, "text file not found: missing.txt"),
     ({"--calib": "BINARY"}, "weights.bin is not UTF-8 text"),
     ({"--eval-text": "BINARY"}, "weights.bin is not UTF-8 text"),

@@ -1,0 +1,163 @@
+"""Dense targets: each layer fit to the dense model's outputs on the pruned model's inputs."""
+
+import copy
+
+import pytest
+import torch
+
+from icbs.layer_pruning import LayerPruner
+from icbs.layer_stats import InputCovariance, dense_target
+
+pytest.importorskip("transformers")
+from test_llm import TEXT, _tiny_llama_dir  # noqa: E402
+
+from icbs.llm.data import calibration_windows, read_text, tokenize  # noqa: E402
+from icbs.llm.load import load_model  # noqa: E402
+from icbs.llm.prune import LLMPruneSettings, prune_model  # noqa: E402
+from icbs.llm.sequential import decoder_blocks, prune_sequential  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama"), bos=False)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "story.txt"
+    path.write_text(TEXT * 3, encoding="utf-8")
+    return path
+
+
+def _paired(x, x0, batches=2):
+    cov = InputCovariance(x.shape[1], dtype=x.dtype, paired=True)
+    for part, part0 in zip(x.chunk(batches), x0.chunk(batches), strict=True):
+        cov.add_batch(part, part0)
+    return cov
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.05])
+def test_dense_target_is_the_least_squares_fit_to_the_dense_outputs(damp):
+    torch.manual_seed(0)
+    tokens, cols, rows = 200, 12, 5
+    x0 = torch.randn(tokens, cols, dtype=torch.float64)
+    x = x0 + 0.3 * torch.randn(tokens, cols, dtype=torch.float64)  # upstream error
+    w0 = torch.randn(rows, cols, dtype=torch.float64)
+    cov = _paired(x, x0)
+    target = dense_target(w0, cov, damp)
+
+    # min |T X - W0 X0|^2 / tokens + lambda |T - W0|^2 as one stacked least-squares problem
+    lam = damp * float(torch.diagonal(x.T @ x / tokens).mean())
+    a = torch.cat([x / tokens ** 0.5, lam ** 0.5 * torch.eye(cols, dtype=x.dtype)])
+    b = torch.cat([x0 @ w0.T / tokens ** 0.5, lam ** 0.5 * w0.T])
+    torch.testing.assert_close(target, torch.linalg.lstsq(a, b).solution.T)
+
+    if damp == 0:  # any row's dense-output error is (w - t)^T H (w - t) plus one constant
+        h = cov.hessian
+        gaps = []
+        for _ in range(3):
+            w = torch.randn(rows, cols, dtype=torch.float64)
+            true = ((w @ x.T - w0 @ x0.T) ** 2).sum(1) / tokens
+            gaps.append(true - (((w - target) @ h) * (w - target)).sum(1))
+        torch.testing.assert_close(gaps[0], gaps[1])
+        torch.testing.assert_close(gaps[0], gaps[2])
+
+
+def test_dense_target_is_the_weights_when_the_inputs_are_the_dense_ones():
+    torch.manual_seed(1)
+    x = torch.randn(64, 8)
+    w0 = torch.randn(3, 8)
+    torch.testing.assert_close(dense_target(w0, _paired(x, x), 0.01), w0, rtol=1e-5, atol=1e-5)
+
+
+def test_a_singular_hessian_without_damping_is_refused_and_pairs_are_checked():
+    x = torch.randn(32, 6)
+    x[:, 2] = 0  # a dead input
+    with pytest.raises(ValueError, match="raise --percdamp above 0"):
+        dense_target(torch.randn(2, 6), _paired(x, x), 0.0)
+    assert torch.isfinite(dense_target(torch.randn(2, 6), _paired(x, x), 0.01)).all()
+    cov = InputCovariance(6, paired=True)
+    with pytest.raises(ValueError, match="need the dense inputs"):
+        cov.add_batch(x)
+    with pytest.raises(ValueError, match="do not pair"):
+        cov.add_batch(x, x[:5])
+    with pytest.raises(ValueError, match="unpaired ones none"):
+        InputCovariance(6).add_batch(x, x)
+
+
+def _layer_inputs(model, names, windows):
+    """Each named layer's inputs (tokens x cols) in a plain forward of `model`."""
+    inputs, modules = {}, dict(model.named_modules())
+    hooks = [modules[n].register_forward_pre_hook(
+        lambda m, args, n=n: inputs.__setitem__(n, args[0].reshape(-1, args[0].shape[-1])))
+        for n in names]
+    with torch.no_grad():
+        model(input_ids=windows)
+    for hook in hooks:
+        hook.remove()
+    return inputs
+
+
+def test_the_driver_pairs_each_layer_input_with_the_dense_models(model_dir, text_file):
+    model, tokenizer = load_model(model_dir, "cpu")
+    dense = copy.deepcopy(model)
+    windows = calibration_windows(tokenize(tokenizer, read_text([text_file])), 6, 40)
+    seen = {}
+
+    def prune_half(layers, stats):  # record the statistics, then prune by magnitude
+        for name, module in layers.items():
+            seen[name] = stats[name]
+            w = module.weight
+            w.mul_(w.abs() >= w.abs().median(dim=1, keepdim=True).values)
+        return [{} for _ in layers]
+
+    prune_sequential(model, windows, prune_half, batch_size=6, progress=False,
+                     dense_targets=True)
+    prefix, blocks = decoder_blocks(model)
+    # block 1's reference inputs: block 0 pruned, block 1 still dense
+    reference = copy.deepcopy(dense)
+    decoder_blocks(reference)[1][0].load_state_dict(blocks[0].state_dict())
+    names = [n for n in seen if n.startswith(f"{prefix}.1.")]
+    x, x0 = _layer_inputs(reference, names, windows), _layer_inputs(dense, names, windows)
+    for name in names:
+        cross = x[name].double().T @ x0[name].double() / len(x[name])
+        scale = float(cross.abs().max())
+        torch.testing.assert_close(seen[name].cross.double(), cross, rtol=1e-4,
+                                   atol=1e-5 * scale)
+        assert (seen[name].cross - seen[name].hessian).abs().max() > 0.01 * scale
+    for name in (n for n in seen if n.startswith(f"{prefix}.0.")):  # X = X0 in block 0
+        torch.testing.assert_close(seen[name].cross, seen[name].hessian)
+
+
+def test_a_restored_block_still_carries_the_dense_activations(model_dir, text_file):
+    settings = LLMPruneSettings(method="sparsegpt", nsamples=4, seqlen=32, reconstruct=True,
+                                sparsegpt_columns=16, dense_targets=True)
+    model, tokenizer = load_model(model_dir, "cpu")
+    full = prune_model(model, tokenizer, settings, [text_file], progress=False)
+    modules = dict(model.named_modules())
+    block0 = {r["name"]: (modules[r["name"]].weight.detach().clone(), full["masks"][r["name"]],
+                          r) for r in full["layers"] if ".layers.0." in r["name"]}
+
+    resumed, tokenizer = load_model(model_dir, "cpu")
+    again = prune_model(resumed, tokenizer, settings, [text_file], progress=False,
+                        layer_pruner=lambda s, total: LayerPruner(s, total, restored=block0))
+    assert [r["error_after"] for r in again["layers"]] == [r["error_after"] for r in
+                                                            full["layers"]]
+    for name, module in resumed.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            assert torch.equal(module.weight, modules[name].weight), name
+
+
+def test_dense_targets_change_only_the_layers_after_the_first_block(model_dir, text_file):
+    results = {}
+    for dense_targets in (False, True):
+        model, tokenizer = load_model(model_dir, "cpu")
+        settings = LLMPruneSettings(method="alps", nsamples=4, seqlen=32,
+                                    dense_targets=dense_targets)
+        report = prune_model(model, tokenizer, settings, [text_file], progress=False)
+        results[dense_targets] = {r["name"]: r["error_after"] for r in report["layers"]}
+    block0 = [n for n in results[True] if ".layers.0." in n]
+    later = [n for n in results[True] if ".layers.1." in n]
+    for name in block0:  # T = W0 up to the ridge's rounding
+        assert results[True][name] == pytest.approx(results[False][name], rel=1e-3)
+    assert any(results[True][n] != pytest.approx(results[False][n], rel=1e-3) for n in later)
