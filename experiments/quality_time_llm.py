@@ -5,9 +5,12 @@ layer reconstruction errors of the one-shot start and of the result) and one PNG
 setting. `icbs` starts from Wanda (--init), `icbs+rec` from SparseGPT (--rec-init) and
 alternates its block steps with least-squares updates of the kept weights, `icbs+refit` starts
 from ALPS (--refit-init) and scores every block by the error after the refit
-(`--objective refit`); `sparsegpt+rec` is SparseGPT followed by the refit alone. Rows already in the
-CSV are skipped, so an interrupted run resumes; runs split over processes (each its own --out)
-merge by concatenating their CSVs, after which a run of the script redraws the plot.
+(`--objective refit`); `sparsegpt+rec` is SparseGPT followed by the refit alone. With
+--dense-targets every method fits each layer to the dense model's outputs (the `targets`
+column says which, and `error_dense` sums the layers' errors against the dense model's
+outputs, comparable between runs). Rows already in the CSV are skipped, so an interrupted
+run resumes; runs split over processes (each its own --out) merge by concatenating their
+CSVs, after which a run of the script redraws the plot.
 
     python experiments/quality_time_llm.py --model MODEL.gguf --calib a.txt b.txt \
         --eval c.txt d.txt --budgets 120 600 --out experiments/results/llm
@@ -30,7 +33,8 @@ from icbs.masks import parse_setting
 
 FIELDS = ["method", "init", "reconstruct", "pattern", "sparsity", "budget", "prune_seconds",
           "perplexity", "nsamples", "seqlen", "scored_tokens", "budget_used", "error_start",
-          "error_final", "steps", "accepted", "late_acceptance", "rows_visited"]
+          "error_final", "steps", "accepted", "late_acceptance", "rows_visited", "targets",
+          "error_dense"]
 METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "sparsegpt+rec", "alps", "icbs",
            "icbs+rec", "icbs+refit"]
 
@@ -45,7 +49,7 @@ def runs(args):
     for pattern, sparsity in map(parse_setting, args.settings):
         common = dict(pattern=pattern, sparsity=sparsity, nsamples=args.nsamples,
                       seqlen=args.seqlen, seed=args.seed, block_size=args.block_size,
-                      solver=args.solver)
+                      solver=args.solver, dense_targets=args.dense_targets)
         for method in args.methods:
             if method in ("magnitude", "wanda", "sparsegpt", "alps"):
                 yield (method, pattern, sparsity, 0.0), LLMPruneSettings(method=method, **common)
@@ -96,16 +100,21 @@ def plot(rows: list[dict], path: Path) -> None:
                              squeeze=False)
     for ax, (pattern, sparsity) in zip(axes[0], settings, strict=False):
         chosen = [r for r in rows if r["pattern"] == pattern and float(r["sparsity"]) == sparsity]
-        for method, init in sorted({(r["method"], r["init"]) for r in chosen},
-                                   key=lambda m: (METHODS.index(m[0]), m[1])):
+        for method, init, targets in sorted(
+                {(r["method"], r["init"], r.get("targets") or "pruned") for r in chosen},
+                key=lambda m: (METHODS.index(m[0]), m[1], m[2])):
             pts = sorted((float(r["prune_seconds"]), float(r["perplexity"])) for r in chosen
-                         if (r["method"], r["init"]) == (method, init))
+                         if (r["method"], r["init"], r.get("targets") or "pruned")
+                         == (method, init, targets))
             icbs = method.startswith("icbs")
-            # one colour per method across panels; an iCBS start other than its default dashed
+            # one colour per method across panels; an iCBS start other than its default
+            # dashed; dense targets drawn with diamonds
             dashed = icbs and init != DEFAULT_INITS[method]
-            ax.plot(*zip(*pts, strict=True), ("o--" if dashed else "o-") if icbs else "s",
-                    color=f"C{METHODS.index(method)}",
-                    label=f"{method} from {init}" if icbs else method)
+            marker = "D" if targets == "dense" else "o" if icbs else "s"
+            label = f"{method} from {init}" if icbs else method
+            ax.plot(*zip(*pts, strict=True), marker + (("--" if dashed else "-") if icbs else ""),
+                    color=f"C{METHODS.index(method)}", mfc="none" if targets == "dense" else None,
+                    label=label + (", dense targets" if targets == "dense" else ""))
         if dense:
             ax.axhline(dense[0], color="gray", ls="--", label="dense")
         ax.set(title=f"{pattern} {sparsity:.0%}", xlabel="pruning time (s)", ylabel="perplexity",
@@ -144,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--solver", default="anneal")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dense-targets", action="store_true",
+                        help="fit every layer to the dense model's outputs (icbs prune "
+                             "--dense-targets)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 measured fastest on a shared 2-core machine)")
     parser.add_argument("--out", default="experiments/results/llm")
@@ -159,13 +171,14 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "quality_time.csv"
     rows = list(csv.DictReader(csv_path.open())) if csv_path.exists() else []
-    done = {(r["method"], r["init"], r["pattern"], float(r["sparsity"]), float(r["budget"]))
-            for r in rows}
+    targets = "dense" if args.dense_targets else "pruned"
+    done = {(r["method"], r["init"], r["pattern"], float(r["sparsity"]), float(r["budget"]),
+             r.get("targets") or "pruned") for r in rows}
     model_dir = resolve_model_dir(args.model)
     for key, settings in runs(args):
         method, pattern, sparsity, budget = key
         init = settings.init if method.startswith("icbs") else ""
-        if (method, init, pattern, sparsity, budget) in done:
+        if (method, init, pattern, sparsity, budget, targets) in done:
             continue
         model, tokenizer = load_model(model_dir, "cpu")
         tic = time.perf_counter()
@@ -189,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
                    budget_used=round(report["budget_used"], 1),
                    error_start=sum(r.get("error_before", 0.0) for r in report["layers"]),
                    error_final=sum(r.get("error_after", 0.0) for r in report["layers"]),
-                   **convergence(report["layers"]))
+                   **convergence(report["layers"]), targets=targets,
+                   error_dense=sum(r.get("error_dense", 0.0) for r in report["layers"]))
         rows.append({k: str(v) for k, v in row.items()})
         print(",".join(str(row[f]) for f in FIELDS), flush=True)
         with csv_path.open("w", newline="") as handle:

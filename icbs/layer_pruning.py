@@ -19,7 +19,7 @@ from torch import nn
 from .baselines import alps_prune, magnitude_mask, sparsegpt_prune, wanda_mask
 from .checks import finite_at_least, integer_at_least, one_of
 from .distributed import LocalExecutor
-from .layer_stats import InputCovariance, dense_target
+from .layer_stats import InputCovariance, dense_output_error, dense_target
 from .layerwise import OBJECTIVES
 from .masks import check_layer, mask_matches_pattern, parse_pattern
 from .reconstruct import reconstruct_rows, reconstruction_error
@@ -196,9 +196,10 @@ class LayerPruner:
     -> (weight, mask, record), from a checkpoint) are set to their saved result instead of
     being pruned again; `on_layer(name, weight, mask, record)` is called after each newly
     pruned layer (to checkpoint it). Paired statistics (`InputCovariance.cross`) make each
-    layer's method prune toward `dense_target` instead of the layer's weights, and its
-    errors are measured from that target. `masks` holds every layer's mask unless `keep_masks` is
-    off (a run that checkpoints them and holds one block at a time). Setting
+    layer's method prune toward `dense_target` instead of the layer's weights; its errors are
+    measured from that target, and `error_dense` against the dense model's outputs. `masks`
+    holds every layer's mask unless `keep_masks` is off (a run that checkpoints them and
+    holds one block at a time). Setting
     `stop_requested` makes the next block (or layer) boundary raise `Interrupted`."""
 
     def __init__(self, settings: SequentialSettings, total_weights: int,
@@ -242,18 +243,22 @@ class LayerPruner:
         for chunk in [[name] for name in fresh] if one_by_one else [fresh] if fresh else []:
             if self.stop_requested:
                 raise Interrupted(chunk[0])
-            w0s = {}
+            w0s, originals = {}, {}
             for name in chunk:
                 weight = layers[name].weight
                 check_layer(name, weight)
                 w0s[name] = weight.detach().float().reshape(weight.shape[0], -1)
                 cov = stats.get(name)
                 if isinstance(cov, InputCovariance) and cov.cross is not None:
+                    originals[name] = w0s[name]
                     w0s[name] = dense_target(w0s[name], cov, self.settings.percdamp)
             results = self._run(w0s, stats)
             for name, (weight, mask, record) in results.items():
                 record.update(shape=list(w0s[name].shape),
                               sparsity=1.0 - float(mask.float().mean()))
+                if name in originals:
+                    record["error_dense"] = dense_output_error(originals[name], weight,
+                                                               stats[name])
                 module = layers[name]
                 self._write(module, name, weight, mask)
                 record["zeros"] = float((module.weight == 0).float().mean())

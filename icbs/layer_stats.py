@@ -12,10 +12,11 @@ class InputCovariance:
     `hessian` is H = X X^T / tokens, the Hessian (up to the factor 2) of the layer's mean
     reconstruction error |W0 X - W X|^2 / tokens; its diagonal gives Wanda's ||x_col||^2 / tokens.
     With `groups` > 1 (a grouped convolution) it holds one sum per group; `split` gives them
-    as separate covariances. With `paired`, it also sums x x0^T, x0 being the same layer's
-    input in the dense model on the same tokens: `cross` then gives G = X X0^T / tokens, from
-    which `dense_target` makes the weights whose outputs on the pruned model's inputs best
-    match the dense model's outputs.
+    as separate covariances. With `paired`, it also sums x x0^T and x0 x0^T, x0 being the same
+    layer's input in the dense model on the same tokens: `cross` then gives G = X X0^T /
+    tokens, from which `dense_target` makes the weights whose outputs on the pruned model's
+    inputs best match the dense model's outputs, and `dense_output_error` measures how far
+    they are from them.
     """
 
     def __init__(self, columns: int, device: torch.device | str = "cpu",
@@ -25,6 +26,7 @@ class InputCovariance:
             raise ValueError("paired (dense-target) statistics are for ungrouped layers")
         self.sum = torch.zeros(*shape, device=device, dtype=dtype)
         self.cross_sum = torch.zeros_like(self.sum) if paired else None
+        self.dense_sum = torch.zeros_like(self.sum) if paired else None
         self.tokens = 0
 
     def add_batch(self, x: torch.Tensor, dense: torch.Tensor | None = None) -> None:
@@ -38,8 +40,9 @@ class InputCovariance:
             if dense.shape != x.shape:
                 raise ValueError(f"dense inputs of shape {tuple(dense.shape)} do not pair with "
                                  f"inputs of shape {tuple(x.shape)}")
-            self.cross_sum.addmm_(x.reshape(-1, x.shape[-1]).to(self.sum.dtype).T,
-                                  dense.reshape(-1, x.shape[-1]).to(self.sum.dtype))
+            dense = dense.reshape(-1, x.shape[-1]).to(self.sum.dtype)
+            self.cross_sum.addmm_(x.reshape(-1, x.shape[-1]).to(self.sum.dtype).T, dense)
+            self.dense_sum.addmm_(dense.T, dense)
         if self.sum.ndim == 3:  # one sum per group, in one batched product
             groups, cols = self.sum.shape[:2]
             x = x.reshape(-1, groups, cols).to(self.sum.dtype).transpose(0, 1)
@@ -73,6 +76,14 @@ class InputCovariance:
     def column_norms(self) -> torch.Tensor:
         """sqrt(mean x_c^2) per input column: Wanda's ||x_c|| up to a constant factor."""
         return torch.sqrt(torch.diagonal(self.hessian).clamp_min(0))
+
+
+def dense_output_error(w0: torch.Tensor, weight: torch.Tensor, cov: InputCovariance) -> float:
+    """|W X - W0 X0|^2 / tokens summed over the rows (paired statistics; float64): the error
+    against the dense model's outputs, comparable between runs whatever their inputs."""
+    w, w0 = weight.double(), w0.double()
+    h, g, h0 = (t.double() / cov.tokens for t in (cov.sum, cov.cross_sum, cov.dense_sum))
+    return float(((w @ h) * w).sum() - 2 * ((w @ g) * w0).sum() + ((w0 @ h0) * w0).sum())
 
 
 def dense_target(w0: torch.Tensor, cov: InputCovariance, damp: float) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from icbs.layer_pruning import LayerPruner
-from icbs.layer_stats import InputCovariance, dense_target
+from icbs.layer_stats import InputCovariance, dense_output_error, dense_target
 
 pytest.importorskip("transformers")
 from test_llm import TEXT, _tiny_llama_dir  # noqa: E402
@@ -52,6 +52,9 @@ def test_dense_target_is_the_least_squares_fit_to_the_dense_outputs(damp):
     b = torch.cat([x0 @ w0.T / tokens ** 0.5, lam ** 0.5 * w0.T])
     torch.testing.assert_close(target, torch.linalg.lstsq(a, b).solution.T)
 
+    w = torch.randn(rows, cols, dtype=torch.float64)
+    assert dense_output_error(w0, w, cov) == pytest.approx(
+        float(((w @ x.T - w0 @ x0.T) ** 2).sum()) / tokens, rel=1e-10)
     if damp == 0:  # any row's dense-output error is (w - t)^T H (w - t) plus one constant
         h = cov.hessian
         gaps = []
