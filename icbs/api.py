@@ -92,7 +92,8 @@ def prune_layer_by_layer(
     model.eval()
     try:
         records = prune_in_stages(model, batches, layers, pruner,
-                                  needs_statistics=config.needs_calibration, progress=progress)
+                                  needs_statistics=config.needs_calibration, progress=progress,
+                                  dense_targets=config.dense_targets)
     except BaseException:
         for layer in layers:
             layer.restore_dense()

@@ -83,37 +83,60 @@ class _StopForward(Exception):
 
 
 def input_statistics(
-    model: nn.Module, layers: list[PrunableLayer], batches: list, stop_after: bool = False
+    model: nn.Module, layers: list[PrunableLayer], batches: list, stop_after: bool = False,
+    dense: nn.Module | None = None,
 ) -> dict[str, InputCovariance | list[InputCovariance]]:
     """X X^T / tokens of every layer's inputs over the calibration batches (no gradients);
     a list of them, one per group, for a grouped convolution. With `stop_after`, each
     forward pass stops once every layer has run (the layers must all be called in every
-    pass)."""
-    stats = {layer.name: InputCovariance(layer.shape[1], layer.w0.device,
-                                         groups=getattr(layer.module, "groups", 1))
+    pass). With `dense` (a copy of the model before pruning, its modules named as the
+    model's) each batch is run through it first and the statistics of ungrouped layers are
+    paired with its layer inputs (`InputCovariance.cross`)."""
+    def grouped(layer: PrunableLayer) -> int:
+        return getattr(layer.module, "groups", 1)
+
+    stats = {layer.name: InputCovariance(layer.shape[1], layer.w0.device, groups=grouped(layer),
+                                         paired=dense is not None and grouped(layer) == 1)
              for layer in layers}
-    pending: set[str] = set()
+    dense_inputs: dict[str, list[torch.Tensor]] = {}  # per layer, one per call, in call order
 
-    def hook(layer: PrunableLayer):
-        def add(module, args, out):
-            stats[layer.name].add_batch(input_matrix(module, args[0]))
-            pending.discard(layer.name)
-            if stop_after and not pending:
-                raise _StopForward
-        return add
+    def run(net: nn.Module, modules: dict[str, nn.Module], inputs: torch.Tensor,
+            add: Callable) -> None:
+        pending: set[str] = set()
 
-    handles = [layer.module.register_forward_hook(hook(layer)) for layer in layers]
-    try:
-        with torch.no_grad():
-            for inputs, _ in batches:
-                pending.update(stats)
-                try:
-                    model(inputs)
-                except _StopForward:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
+        def hook(name: str):
+            def on_call(module, args, out):
+                add(name, input_matrix(module, args[0]))
+                pending.discard(name)
+                if stop_after and not pending:
+                    raise _StopForward
+            return on_call
+
+        handles = [modules[layer.name].register_forward_hook(hook(layer.name))
+                   for layer in layers]
+        try:
+            pending.update(stats)
+            net(inputs)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+
+    def add_dense(name: str, x: torch.Tensor) -> None:
+        dense_inputs.setdefault(name, []).append(x)
+
+    def add(name: str, x: torch.Tensor) -> None:
+        paired = stats[name].cross_sum is not None
+        stats[name].add_batch(x, dense_inputs[name].pop(0) if paired else None)
+
+    own = {layer.name: layer.module for layer in layers}
+    dense_modules = dict(dense.named_modules()) if dense is not None else {}
+    with torch.no_grad():
+        for inputs, _ in batches:
+            if dense is not None:
+                run(dense, dense_modules, inputs, add_dense)
+            run(model, own, inputs, add)
     return {name: cov.split() if cov.sum.ndim == 3 else cov for name, cov in stats.items()}
 
 

@@ -45,6 +45,7 @@ class SequentialSettings(PruneSettings):
     objective: str = "layerwise"  # iCBS block steps: "layerwise" (kept weights frozen), "refit"
     steps: int | None = None  # iCBS block steps over the whole model instead of `budget`
     batched_steps: bool = False  # layerwise steps: a block in each row of a batch at once
+    dense_targets: bool = False  # fit each layer to the dense model's outputs
 
     def __post_init__(self):
         super().__post_init__()
@@ -59,6 +60,9 @@ class SequentialSettings(PruneSettings):
                              "not unstructured (one count per layer)")
         for name in ("budget", "percdamp", "mask_damp"):
             finite_at_least(name, getattr(self, name))
+        if self.dense_targets and not self.needs_calibration:
+            raise ValueError("dense_targets fits layers to calibration outputs: use a method "
+                             "other than magnitude, or reconstruct")
 
     @property
     def needs_calibration(self) -> bool:

@@ -12,6 +12,7 @@ block at a time on captured block inputs instead of the model from its start.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 
@@ -55,16 +56,19 @@ def stages(model: nn.Module, layers: Sequence[PrunableLayer],
 @torch.no_grad()
 def prune_in_stages(model: nn.Module, batches: list, layers: Sequence[PrunableLayer],
                     prune_layer: LayerCallback, *, needs_statistics: bool = True,
-                    progress: bool = False) -> list[dict]:
+                    progress: bool = False, dense_targets: bool = False) -> list[dict]:
     """Prune `layers` stage by stage (see the module docstring); `prune_layer(name, module,
     statistics)` rewrites `module.weight` and returns a record. Without `needs_statistics`
-    no calibration pass is made and statistics are None. Returns the records in order, each
-    with the layer's name added."""
+    no calibration pass is made and statistics are None. With `dense_targets` a copy of the
+    dense model runs beside it and the statistics of ungrouped layers are paired with the
+    dense model's inputs (`input_statistics`), for fitting to the dense model's outputs.
+    Returns the records in order, each with the layer's name added."""
     records = []
     groups = stages(model, layers, batches[0])
+    dense = copy.deepcopy(model) if dense_targets and needs_statistics else None
     for index, group in enumerate(tqdm(groups, desc="stages", disable=not progress)):
-        stats = (input_statistics(model, group, batches, stop_after=True) if needs_statistics
-                 else {})
+        stats = (input_statistics(model, group, batches, stop_after=True, dense=dense)
+                 if needs_statistics else {})
         for layer in group:
             records.append({"name": layer.name,
                             **prune_layer(layer.name, layer.module, stats.get(layer.name))})

@@ -164,3 +164,62 @@ def test_dense_targets_change_only_the_layers_after_the_first_block(model_dir, t
     for name in block0:  # T = W0 up to the ridge's rounding
         assert results[True][name] == pytest.approx(results[False][name], rel=1e-3)
     assert any(results[True][n] != pytest.approx(results[False][n], rel=1e-3) for n in later)
+
+
+def _layer_matrices(model, names, batches):
+    """Each named layer's inputs as (tokens, cols) matrices over `batches` (Conv2d unfolded)."""
+    from icbs.layers import input_matrix
+
+    seen = {n: [] for n in names}
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(
+        lambda m, args, out, n=n: seen[n].append(input_matrix(m, args[0]).reshape(
+            -1, input_matrix(m, args[0]).shape[-1]))) for n in names]
+    with torch.no_grad():
+        for inputs, _ in batches:
+            model(inputs)
+    for hook in hooks:
+        hook.remove()
+    return {n: torch.cat(v).double() for n, v in seen.items()}
+
+
+@pytest.mark.parametrize("architecture", ["vit", "resnet"])
+def test_the_layer_by_layer_driver_pairs_inputs_with_the_dense_models(architecture,
+                                                                      monkeypatch):
+    import icbs
+    from icbs.layers import find_prunable
+    from icbs.sequential import stages
+    from icbs.vision.models import ResNet, ViT
+
+    torch.manual_seed(0)
+    model = ViT(dim=16, depth=2, heads=2) if architecture == "vit" else ResNet(widths=(4, 8))
+    model.eval()
+    dense = copy.deepcopy(model)
+    x = torch.randn(32, 1, 28, 28)
+    batches = [(x[i:i + 16], torch.zeros(16, dtype=torch.long)) for i in (0, 16)]
+    seen = {}
+
+    class Recording(LayerPruner):
+        def prune_block(self, layers, stats):
+            seen.update(stats)
+            return super().prune_block(layers, stats)
+
+    monkeypatch.setattr(icbs.api, "LayerPruner", Recording)
+    report = icbs.prune_layer_by_layer(model, batches, sparsity=0.5, method="sparsegpt",
+                                       dense_targets=True)
+    names = [r["name"] for r in report["layers"]]
+    stage_of = {layer.name: index for index, stage in enumerate(
+        stages(dense, find_prunable(dense, grouped=True), batches[0])) for layer in stage}
+    # every layer's pairs against plain forwards: of the final model with the layer's stage
+    # and the ones after it dense again, and of the dense copy
+    x0 = _layer_matrices(dense, names, batches)
+    for name in names:
+        reference = copy.deepcopy(model)
+        modules, dense_modules = dict(reference.named_modules()), dict(dense.named_modules())
+        for later in (n for n in names if stage_of[n] >= stage_of[name]):
+            modules[later].weight.data.copy_(dense_modules[later].weight)
+        xs = _layer_matrices(reference, [name], batches)[name]
+        cross = xs.T @ x0[name] / len(xs)
+        torch.testing.assert_close(seen[name].cross.double(), cross, rtol=1e-4,
+                                   atol=1e-5 * float(cross.abs().max()))
+    assert all("error_dense" in r for r in report["layers"])

@@ -37,14 +37,10 @@ class LLMPruneSettings(SequentialSettings):
     seqlen: int = 512
     batch_size: int = 8
     bos: str = "auto"  # BOS before every calibration window: auto, yes, no
-    dense_targets: bool = False  # fit each layer to the dense model's outputs
 
     def __post_init__(self):
         super().__post_init__()
         one_of("bos", self.bos, BOS_CHOICES)
-        if self.dense_targets and not self.needs_calibration:
-            raise ValueError("dense_targets fits layers to calibration outputs: use a method "
-                             "other than magnitude, or reconstruct")
         for name in ("nsamples", "seqlen", "batch_size"):
             integer_at_least(name, getattr(self, name), 1)
 
