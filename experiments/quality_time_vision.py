@@ -16,8 +16,9 @@ run and a PNG of accuracy versus pruning time per model and setting:
     python experiments/quality_time_vision.py --data /usr/share/datasets/fashion-mnist \
         --out experiments/results/vision
 
-`--quick` trains on 512 images for one epoch and prunes once per model (under 2 minutes;
-the tests run it on generated images).
+`--dense-targets` fits the layer-by-layer methods to the dense model's outputs (rows to a
+separate --out). `--quick` trains on 512 images for one epoch and prunes once per model
+(under 2 minutes; the tests run it on generated images).
 """
 
 from __future__ import annotations
@@ -139,13 +140,14 @@ def runs_for(arch: str, dense, data, args, done: set):
             common = dict(sparsity=sparsity, pattern=pattern, seed=seed,
                           exclude=() if args.prune_ends else ENDS[arch])
             base = dict(model=arch, pattern=pattern, sparsity=sparsity, seed=seed)
+            by_layer = dict(common, dense_targets=True) if args.dense_targets else common
             def fresh(method, budget, where=(arch, pattern, sparsity, seed)):
                 return run_key(where[0], method, *where[1:3], budget, where[3]) not in done
 
             for method in ONE_SHOT:
                 if method in args.methods and fresh(method, 0):
                     rows.append(dict(base, method=method, init="-", budget=0,
-                                     **layer_by_layer(dense, calib, data, method, common,
+                                     **layer_by_layer(dense, calib, data, method, by_layer,
                                                       args.recalibrate_bn)))
             todo = [b for b in args.budgets
                     if "icbs-fisher" in args.methods and fresh("icbs-fisher", b)]
@@ -157,7 +159,7 @@ def runs_for(arch: str, dense, data, args, done: set):
             for budget in args.budgets:
                 if "icbs-refit" in args.methods and fresh("icbs-refit", budget):
                     rows.append(dict(base, method="icbs-refit", init="alps", budget=budget,
-                                     **layer_by_layer(dense, calib, data, "icbs", common,
+                                     **layer_by_layer(dense, calib, data, "icbs", by_layer,
                                                       args.recalibrate_bn, init="alps",
                                                       objective="refit", budget=budget,
                                                       mask_damp=args.mask_damp,
@@ -241,6 +243,9 @@ def main() -> None:
     parser.add_argument("--recalibrate-bn", action="store_true",
                         help="re-estimate BatchNorm statistics on the calibration images after "
                              "pruning, for every method")
+    parser.add_argument("--dense-targets", action="store_true",
+                        help="layer-by-layer methods fit every layer to the dense model's "
+                             "outputs (write to their own --out)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="experiments/results/vision")
