@@ -7,10 +7,10 @@ alternates its block steps with least-squares updates of the kept weights, `icbs
 from ALPS (--refit-init) and scores every block by the error after the refit
 (`--objective refit`); `sparsegpt+rec` is SparseGPT followed by the refit alone. With
 --dense-targets every method fits each layer to the dense model's outputs (the `targets`
-column says which, and `error_dense` sums the layers' errors against the dense model's
-outputs, comparable between runs). Rows already in the CSV are skipped, so an interrupted
-run resumes; runs split over processes (each its own --out) merge by concatenating their
-CSVs, after which a run of the script redraws the plot.
+column says which, with the target's ridge, and `error_dense` sums the layers' errors
+against the dense model's outputs, comparable between runs). Rows already in the CSV are
+skipped, so an interrupted run resumes; runs split over processes (each its own --out)
+merge by concatenating their CSVs, after which a run of the script redraws the plot.
 
     python experiments/quality_time_llm.py --model MODEL.gguf --calib a.txt b.txt \
         --eval c.txt d.txt --budgets 120 600 --out experiments/results/llm
@@ -49,7 +49,8 @@ def runs(args):
     for pattern, sparsity in map(parse_setting, args.settings):
         common = dict(pattern=pattern, sparsity=sparsity, nsamples=args.nsamples,
                       seqlen=args.seqlen, seed=args.seed, block_size=args.block_size,
-                      solver=args.solver, dense_targets=args.dense_targets)
+                      solver=args.solver, dense_targets=args.dense_targets,
+                      target_damp=args.target_damp)
         for method in args.methods:
             if method in ("magnitude", "wanda", "sparsegpt", "alps"):
                 yield (method, pattern, sparsity, 0.0), LLMPruneSettings(method=method, **common)
@@ -110,11 +111,11 @@ def plot(rows: list[dict], path: Path) -> None:
             # one colour per method across panels; an iCBS start other than its default
             # dashed; dense targets drawn with diamonds
             dashed = icbs and init != DEFAULT_INITS[method]
-            marker = "D" if targets == "dense" else "o" if icbs else "s"
+            marker = "D" if targets != "pruned" else "o" if icbs else "s"
             label = f"{method} from {init}" if icbs else method
             ax.plot(*zip(*pts, strict=True), marker + (("--" if dashed else "-") if icbs else ""),
-                    color=f"C{METHODS.index(method)}", mfc="none" if targets == "dense" else None,
-                    label=label + (", dense targets" if targets == "dense" else ""))
+                    color=f"C{METHODS.index(method)}", mfc="none" if targets != "pruned" else None,
+                    label=label + ("" if targets == "pruned" else f", targets {targets}"))
         if dense:
             ax.axhline(dense[0], color="gray", ls="--", label="dense")
         ax.set(title=f"{pattern} {sparsity:.0%}", xlabel="pruning time (s)", ylabel="perplexity",
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense-targets", action="store_true",
                         help="fit every layer to the dense model's outputs (icbs prune "
                              "--dense-targets)")
+    parser.add_argument("--target-damp", type=float, default=0.1,
+                        help="ridge of the dense targets (icbs prune --target-damp)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 measured fastest on a shared 2-core machine)")
     parser.add_argument("--out", default="experiments/results/llm")
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "quality_time.csv"
     rows = list(csv.DictReader(csv_path.open())) if csv_path.exists() else []
-    targets = "dense" if args.dense_targets else "pruned"
+    targets = f"dense@{args.target_damp:g}" if args.dense_targets else "pruned"
     done = {(r["method"], r["init"], r["pattern"], float(r["sparsity"]), float(r["budget"]),
              r.get("targets") or "pruned") for r in rows}
     model_dir = resolve_model_dir(args.model)

@@ -140,7 +140,8 @@ def runs_for(arch: str, dense, data, args, done: set):
             common = dict(sparsity=sparsity, pattern=pattern, seed=seed,
                           exclude=() if args.prune_ends else ENDS[arch])
             base = dict(model=arch, pattern=pattern, sparsity=sparsity, seed=seed)
-            by_layer = dict(common, dense_targets=True) if args.dense_targets else common
+            by_layer = (dict(common, dense_targets=True, target_damp=args.target_damp)
+                        if args.dense_targets else common)
             def fresh(method, budget, where=(arch, pattern, sparsity, seed)):
                 return run_key(where[0], method, *where[1:3], budget, where[3]) not in done
 
@@ -246,6 +247,8 @@ def main() -> None:
     parser.add_argument("--dense-targets", action="store_true",
                         help="layer-by-layer methods fit every layer to the dense model's "
                              "outputs (write to their own --out)")
+    parser.add_argument("--target-damp", type=float, default=0.1,
+                        help="ridge of the dense targets, x mean(diag H)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="experiments/results/vision")

@@ -46,6 +46,7 @@ class SequentialSettings(PruneSettings):
     steps: int | None = None  # iCBS block steps over the whole model instead of `budget`
     batched_steps: bool = False  # layerwise steps: a block in each row of a batch at once
     dense_targets: bool = False  # fit each layer to the dense model's outputs
+    target_damp: float = 0.1  # dense targets: ridge toward the dense weights, x mean(diag H)
 
     def __post_init__(self):
         super().__post_init__()
@@ -58,7 +59,7 @@ class SequentialSettings(PruneSettings):
         if self.batched_steps and self.pattern == "unstructured":
             raise ValueError("batched_steps needs a per-row count: pattern per_output or N:M, "
                              "not unstructured (one count per layer)")
-        for name in ("budget", "percdamp", "mask_damp"):
+        for name in ("budget", "percdamp", "mask_damp", "target_damp"):
             finite_at_least(name, getattr(self, name))
         if self.dense_targets and not self.needs_calibration:
             raise ValueError("dense_targets fits layers to calibration outputs: use a method "
@@ -255,7 +256,7 @@ class LayerPruner:
                 cov = stats.get(name)
                 if isinstance(cov, InputCovariance) and cov.cross is not None:
                     originals[name] = w0s[name]
-                    w0s[name] = dense_target(w0s[name], cov, self.settings.percdamp)
+                    w0s[name] = dense_target(w0s[name], cov, self.settings.target_damp)
             results = self._run(w0s, stats)
             for name, (weight, mask, record) in results.items():
                 record.update(shape=list(w0s[name].shape),

@@ -102,5 +102,5 @@ def dense_target(w0: torch.Tensor, cov: InputCovariance, damp: float) -> torch.T
         target = torch.full_like(w0.double(), float("nan"))
     if not torch.isfinite(target).all():
         raise ValueError("the dense target is not finite: H + damping is singular; raise "
-                         "--percdamp above 0")
+                         "--target-damp above 0")
     return target.to(w0.dtype)

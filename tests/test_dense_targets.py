@@ -76,7 +76,7 @@ def test_dense_target_is_the_weights_when_the_inputs_are_the_dense_ones():
 def test_a_singular_hessian_without_damping_is_refused_and_pairs_are_checked():
     x = torch.randn(32, 6)
     x[:, 2] = 0  # a dead input
-    with pytest.raises(ValueError, match="raise --percdamp above 0"):
+    with pytest.raises(ValueError, match="raise --target-damp above 0"):
         dense_target(torch.randn(2, 6), _paired(x, x), 0.0)
     assert torch.isfinite(dense_target(torch.randn(2, 6), _paired(x, x), 0.01)).all()
     cov = InputCovariance(6, paired=True)

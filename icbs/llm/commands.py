@@ -81,6 +81,10 @@ def add_commands(subparsers) -> None:
                             "model's inputs) rather than to the dense weights on the pruned "
                             "model's inputs, correcting the error made upstream; one more "
                             "forward pass per block")
+    prune.add_argument("--target-damp", type=float, default=0.1,
+                       help="with --dense-targets: ridge pulling each layer's target toward its "
+                            "dense weights, as a fraction of mean(diag H) (default 0.1; lower "
+                            "fits the calibration outputs closer and over-fits: see the README)")
     prune.add_argument("--sparsegpt-columns", type=int, default=128,
                        help="columns SparseGPT prunes between lazy weight updates (its "
                             "`blocksize`, default 128; not the iCBS --block-size)")
@@ -192,7 +196,7 @@ def run_prune(args) -> None:
         include=tuple(args.include), exclude=tuple(args.exclude),
         batch_size=8 if args.batch_size is None else args.batch_size, bos=args.bos,
         objective=args.objective, steps=args.steps, batched_steps=args.batched_steps,
-        dense_targets=args.dense_targets)
+        dense_targets=args.dense_targets, target_damp=args.target_damp)
     flag_at_least("--workers", args.workers, 1)
     if args.workers is not None and args.ray_address is not None:
         raise ValueError("give --workers (a local Ray instance) or --ray-address (a cluster), "
