@@ -88,6 +88,8 @@ PRUNE_CASES = [
     ({"--budget": "-5"}, "budget must be a finite number >= 0, got -5"),
     ({"--mask-damp": "nan"}, "mask_damp must be a finite number >= 0, got nan"),
     ({"--percdamp": "-1"}, "percdamp must be a finite number >= 0"),
+    ({"--dense-targets": True, "--target-damp": "-1"},
+     "target_damp must be a finite number >= 0"),
     ({"--nsamples": "0"}, "nsamples must be an integer >= 1, got 0"),
     ({"--seqlen": "1"}, "--seqlen must be >= 2, got 1"),
     ({"--seed": "-1"}, "seed must be an integer >= 0, got -1"),
