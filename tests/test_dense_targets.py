@@ -88,17 +88,27 @@ def test_a_singular_hessian_without_damping_is_refused_and_pairs_are_checked():
         InputCovariance(6).add_batch(x, x)
 
 
-def _layer_inputs(model, names, windows):
-    """Each named layer's inputs (tokens x cols) in a plain forward of `model`."""
-    inputs, modules = {}, dict(model.named_modules())
-    hooks = [modules[n].register_forward_pre_hook(
-        lambda m, args, n=n: inputs.__setitem__(n, args[0].reshape(-1, args[0].shape[-1])))
-        for n in names]
+def _layer_matrices(model, names, inputs):
+    """Each named layer's inputs (Conv2d's unfolded) as one (tokens, cols) float64 matrix
+    over plain forwards of `model` on each of `inputs`."""
+    from icbs.layers import input_matrix
+
+    seen = {n: [] for n in names}
+
+    def hook(name):
+        def record(module, args, out):
+            x = input_matrix(module, args[0])
+            seen[name].append(x.reshape(-1, x.shape[-1]))
+        return record
+
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(hook(n)) for n in names]
     with torch.no_grad():
-        model(input_ids=windows)
-    for hook in hooks:
-        hook.remove()
-    return inputs
+        for batch in inputs:
+            model(batch)
+    for handle in hooks:
+        handle.remove()
+    return {n: torch.cat(v).double() for n, v in seen.items()}
 
 
 def test_the_driver_pairs_each_layer_input_with_the_dense_models(model_dir, text_file):
@@ -121,9 +131,10 @@ def test_the_driver_pairs_each_layer_input_with_the_dense_models(model_dir, text
     reference = copy.deepcopy(dense)
     decoder_blocks(reference)[1][0].load_state_dict(blocks[0].state_dict())
     names = [n for n in seen if n.startswith(f"{prefix}.1.")]
-    x, x0 = _layer_inputs(reference, names, windows), _layer_inputs(dense, names, windows)
+    x = _layer_matrices(reference, names, [windows])
+    x0 = _layer_matrices(dense, names, [windows])
     for name in names:
-        cross = x[name].double().T @ x0[name].double() / len(x[name])
+        cross = x[name].T @ x0[name] / len(x[name])
         scale = float(cross.abs().max())
         torch.testing.assert_close(seen[name].cross.double(), cross, rtol=1e-4,
                                    atol=1e-5 * scale)
@@ -166,23 +177,6 @@ def test_dense_targets_change_only_the_layers_after_the_first_block(model_dir, t
     assert any(results[True][n] != pytest.approx(results[False][n], rel=1e-3) for n in later)
 
 
-def _layer_matrices(model, names, batches):
-    """Each named layer's inputs as (tokens, cols) matrices over `batches` (Conv2d unfolded)."""
-    from icbs.layers import input_matrix
-
-    seen = {n: [] for n in names}
-    modules = dict(model.named_modules())
-    hooks = [modules[n].register_forward_hook(
-        lambda m, args, out, n=n: seen[n].append(input_matrix(m, args[0]).reshape(
-            -1, input_matrix(m, args[0]).shape[-1]))) for n in names]
-    with torch.no_grad():
-        for inputs, _ in batches:
-            model(inputs)
-    for hook in hooks:
-        hook.remove()
-    return {n: torch.cat(v).double() for n, v in seen.items()}
-
-
 @pytest.mark.parametrize("architecture", ["vit", "resnet"])
 def test_the_layer_by_layer_driver_pairs_inputs_with_the_dense_models(architecture,
                                                                       monkeypatch):
@@ -212,13 +206,14 @@ def test_the_layer_by_layer_driver_pairs_inputs_with_the_dense_models(architectu
         stages(dense, find_prunable(dense, grouped=True), batches[0])) for layer in stage}
     # every layer's pairs against plain forwards: of the final model with the layer's stage
     # and the ones after it dense again, and of the dense copy
-    x0 = _layer_matrices(dense, names, batches)
+    images = [b[0] for b in batches]
+    x0 = _layer_matrices(dense, names, images)
     for name in names:
         reference = copy.deepcopy(model)
         modules, dense_modules = dict(reference.named_modules()), dict(dense.named_modules())
         for later in (n for n in names if stage_of[n] >= stage_of[name]):
             modules[later].weight.data.copy_(dense_modules[later].weight)
-        xs = _layer_matrices(reference, [name], batches)[name]
+        xs = _layer_matrices(reference, [name], images)[name]
         cross = xs.T @ x0[name] / len(xs)
         torch.testing.assert_close(seen[name].cross.double(), cross, rtol=1e-4,
                                    atol=1e-5 * float(cross.abs().max()))
