@@ -127,8 +127,7 @@ def input_statistics(
         dense_inputs.setdefault(name, []).append(x)
 
     def add(name: str, x: torch.Tensor) -> None:
-        paired = stats[name].cross_sum is not None
-        stats[name].add_batch(x, dense_inputs[name].pop(0) if paired else None)
+        stats[name].add_batch(x, dense_inputs[name].pop(0) if stats[name].paired else None)
 
     own = {layer.name: layer.module for layer in layers}
     dense_modules = dict(dense.named_modules()) if dense is not None else {}

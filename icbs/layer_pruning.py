@@ -254,7 +254,7 @@ class LayerPruner:
                 check_layer(name, weight)
                 w0s[name] = weight.detach().float().reshape(weight.shape[0], -1)
                 cov = stats.get(name)
-                if isinstance(cov, InputCovariance) and cov.cross is not None:
+                if isinstance(cov, InputCovariance) and cov.paired:
                     originals[name] = w0s[name]
                     w0s[name] = dense_target(w0s[name], cov, self.settings.target_damp)
             results = self._run(w0s, stats)

@@ -33,24 +33,24 @@ class InputCovariance:
         """Add input vectors; `x` has the layer's input width (times the groups, one group's
         columns after the other) as its last dimension. Paired statistics take `dense`, the
         dense model's inputs on the same tokens (same shape)."""
-        if (dense is None) != (self.cross_sum is None):
+        if (dense is None) == self.paired:
             raise ValueError("paired statistics need the dense inputs with every batch, "
                              "unpaired ones none")
-        if dense is not None:
-            if dense.shape != x.shape:
-                raise ValueError(f"dense inputs of shape {tuple(dense.shape)} do not pair with "
-                                 f"inputs of shape {tuple(x.shape)}")
-            dense = dense.reshape(-1, x.shape[-1]).to(self.sum.dtype)
-            self.cross_sum.addmm_(x.reshape(-1, x.shape[-1]).to(self.sum.dtype).T, dense)
-            self.dense_sum.addmm_(dense.T, dense)
         if self.sum.ndim == 3:  # one sum per group, in one batched product
             groups, cols = self.sum.shape[:2]
             x = x.reshape(-1, groups, cols).to(self.sum.dtype).transpose(0, 1)
             self.sum.baddbmm_(x.transpose(1, 2), x)
             self.tokens += x.shape[1]
             return
+        if dense is not None and dense.shape != x.shape:
+            raise ValueError(f"dense inputs of shape {tuple(dense.shape)} do not pair with "
+                             f"inputs of shape {tuple(x.shape)}")
         x = x.reshape(-1, x.shape[-1]).to(self.sum.dtype)
         self.sum.addmm_(x.T, x)
+        if dense is not None:
+            dense = dense.reshape(-1, x.shape[-1]).to(self.sum.dtype)
+            self.cross_sum.addmm_(x.T, dense)
+            self.dense_sum.addmm_(dense.T, dense)
         self.tokens += x.shape[0]
 
     def split(self) -> list[InputCovariance]:
@@ -69,9 +69,14 @@ class InputCovariance:
         return self.sum / self.tokens
 
     @property
+    def paired(self) -> bool:
+        """Whether these statistics are paired with the dense model's inputs."""
+        return self.cross_sum is not None
+
+    @property
     def cross(self) -> torch.Tensor | None:
         """G = X X0^T / tokens (paired statistics), else None."""
-        return None if self.cross_sum is None else self.cross_sum / self.tokens
+        return self.cross_sum / self.tokens if self.paired else None
 
     def column_norms(self) -> torch.Tensor:
         """sqrt(mean x_c^2) per input column: Wanda's ||x_c|| up to a constant factor."""
