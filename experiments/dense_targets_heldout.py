@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from icbs.layer_pruning import LayerPruner
+from icbs.layer_pruning import start_weight
 from icbs.layer_stats import dense_output_error, dense_target
 from icbs.llm.data import calibration_windows, read_text, tokenize
 from icbs.llm.load import load_model, resolve_model_dir
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                                       args.seqlen, 0, None)
         inputs = capture_block_inputs(model, blocks[0], windows)
         streams[which] = [inputs, list(inputs.hidden)]  # pruned-model inputs, dense ones
-    pruner = LayerPruner(LLMPruneSettings(method="sparsegpt", sparsity=0.5), 1)
+    settings = LLMPruneSettings(method="sparsegpt", sparsity=0.5)
     rows = []
     for index in range(args.blocks):
         block = blocks[index]
@@ -72,13 +72,14 @@ def main(argv: list[str] | None = None) -> None:
             stats[which], dense_next[which] = collect_statistics(block, layers, inputs, dense)
         for name, module in layers.items():
             w0 = module.weight.detach().float()
-            base = {w: dense_output_error(w0, w0, stats[w][name]) for w in stats}
             candidates = [("dense", None, w0)] + [
                 ("target", damp, dense_target(w0, stats["calibration"][name], damp))
                 for damp in args.damps]
+            base = None
             for weights, damp, w in candidates:
                 errors = {which: dense_output_error(w0, w, stats[which][name])
                           for which in stats}
+                base = base or errors  # the dense weights' errors come first
                 rows.append(dict(layer=name, weights=weights, target_damp=damp or "",
                                  error_calibration=round(errors["calibration"], 4),
                                  error_heldout=round(errors["heldout"], 4),
@@ -90,10 +91,11 @@ def main(argv: list[str] | None = None) -> None:
             print(name, " ".join(f"{r['weights']}@{r['target_damp']}: "
                                  f"{r['heldout_vs_dense_weights']}" for r in rows[-4:]),
                   flush=True)
-        for which in stats:  # plain-target pruning: the same trajectory for every ridge
-            for cov in stats[which].values():
-                cov.cross_sum = None
-        pruner.prune_block(layers, stats["calibration"])
+        for name, module in layers.items():  # plain SparseGPT: one trajectory for every ridge
+            weight, _, _ = start_weight(settings, module.weight.detach().float(),
+                                        stats["calibration"][name])
+            with torch.no_grad():
+                module.weight.copy_(weight.to(module.weight.dtype))
         for which, stream in streams.items():
             stream[0].hidden = run_block(block, stream[0])
             stream[1] = dense_next[which]
