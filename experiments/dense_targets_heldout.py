@@ -29,6 +29,7 @@ from icbs.llm.sequential import (
     capture_block_inputs,
     collect_statistics,
     decoder_blocks,
+    dense_pass,
     run_block,
     select_linears,
 )
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         layers = select_linears(block, f"{prefix}.{index}")
         stats, dense_next = {}, {}
         for which, (inputs, dense) in streams.items():
-            stats[which], dense_next[which] = collect_statistics(block, layers, inputs, dense)
+            dense_next[which], dense_inputs = dense_pass(block, layers, dense, inputs)
+            stats[which] = collect_statistics(block, layers, inputs, dense_inputs)
         for name, module in layers.items():
             w0 = module.weight.detach().float()
             candidates = [("dense", None, w0)] + [

@@ -34,7 +34,7 @@ from icbs.masks import parse_setting
 FIELDS = ["method", "init", "reconstruct", "pattern", "sparsity", "budget", "prune_seconds",
           "perplexity", "nsamples", "seqlen", "scored_tokens", "budget_used", "error_start",
           "error_final", "steps", "accepted", "late_acceptance", "rows_visited", "targets",
-          "error_dense"]
+          "error_dense", "order"]
 METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "sparsegpt+rec", "alps", "icbs",
            "icbs+rec", "icbs+refit"]
 
@@ -50,7 +50,7 @@ def runs(args):
         common = dict(pattern=pattern, sparsity=sparsity, nsamples=args.nsamples,
                       seqlen=args.seqlen, seed=args.seed, block_size=args.block_size,
                       solver=args.solver, dense_targets=args.dense_targets,
-                      target_damp=args.target_damp)
+                      target_damp=args.target_damp, true_sequential=args.true_sequential)
         for method in args.methods:
             if method in ("magnitude", "wanda", "sparsegpt", "alps"):
                 yield (method, pattern, sparsity, 0.0), LLMPruneSettings(method=method, **common)
@@ -88,6 +88,12 @@ def convergence(records: list[dict]) -> dict:
     return out
 
 
+def _line(row: dict) -> tuple[str, str, str, str]:
+    """(method, init, targets, order) of a CSV row: the runs one plotted line joins."""
+    return (row["method"], row["init"], row.get("targets") or "pruned",
+            row.get("order") or "block")
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -101,21 +107,23 @@ def plot(rows: list[dict], path: Path) -> None:
                              squeeze=False)
     for ax, (pattern, sparsity) in zip(axes[0], settings, strict=False):
         chosen = [r for r in rows if r["pattern"] == pattern and float(r["sparsity"]) == sparsity]
-        for method, init, targets in sorted(
-                {(r["method"], r["init"], r.get("targets") or "pruned") for r in chosen},
-                key=lambda m: (METHODS.index(m[0]), m[1], m[2])):
+        for method, init, targets, order in sorted({_line(r) for r in chosen},
+                                                   key=lambda m: (METHODS.index(m[0]), *m[1:])):
             pts = sorted((float(r["prune_seconds"]), float(r["perplexity"])) for r in chosen
-                         if (r["method"], r["init"], r.get("targets") or "pruned")
-                         == (method, init, targets))
+                         if _line(r) == (method, init, targets, order))
             icbs = method.startswith("icbs")
             # one colour per method across panels; an iCBS start other than its default
-            # dashed; dense targets drawn with diamonds
+            # dashed; dense targets drawn with open diamonds, true-sequential order with
+            # triangles
             dashed = icbs and init != DEFAULT_INITS[method]
-            marker = "D" if targets != "pruned" else "o" if icbs else "s"
+            marker = ("D" if targets != "pruned" else "^" if order == "sequential"
+                      else "o" if icbs else "s")
             label = f"{method} from {init}" if icbs else method
+            label += "" if targets == "pruned" else f", targets {targets}"
+            label += ", true sequential" if order == "sequential" and targets == "pruned" else ""
             ax.plot(*zip(*pts, strict=True), marker + (("--" if dashed else "-") if icbs else ""),
                     color=f"C{METHODS.index(method)}", mfc="none" if targets != "pruned" else None,
-                    label=label + ("" if targets == "pruned" else f", targets {targets}"))
+                    label=label)
         if dense:
             ax.axhline(dense[0], color="gray", ls="--", label="dense")
         ax.set(title=f"{pattern} {sparsity:.0%}", xlabel="pruning time (s)", ylabel="perplexity",
@@ -159,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
                              "--dense-targets)")
     parser.add_argument("--target-damp", type=float, default=0.1,
                         help="ridge of the dense targets (icbs prune --target-damp)")
+    parser.add_argument("--true-sequential", action="store_true",
+                        help="a block's layers group by group in call order (icbs prune "
+                             "--true-sequential; always so with --dense-targets)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 measured fastest on a shared 2-core machine)")
     parser.add_argument("--out", default="experiments/results/llm")
@@ -175,13 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     csv_path = out / "quality_time.csv"
     rows = list(csv.DictReader(csv_path.open())) if csv_path.exists() else []
     targets = f"dense@{args.target_damp:g}" if args.dense_targets else "pruned"
+    order = "sequential" if args.true_sequential or args.dense_targets else "block"
     done = {(r["method"], r["init"], r["pattern"], float(r["sparsity"]), float(r["budget"]),
-             r.get("targets") or "pruned") for r in rows}
+             r.get("targets") or "pruned", r.get("order") or "block") for r in rows}
     model_dir = resolve_model_dir(args.model)
     for key, settings in runs(args):
         method, pattern, sparsity, budget = key
         init = settings.init if method.startswith("icbs") else ""
-        if (method, init, pattern, sparsity, budget, targets) in done:
+        if (method, init, pattern, sparsity, budget, targets, order) in done:
             continue
         model, tokenizer = load_model(model_dir, "cpu")
         tic = time.perf_counter()
@@ -206,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
                    error_start=sum(r.get("error_before", 0.0) for r in report["layers"]),
                    error_final=sum(r.get("error_after", 0.0) for r in report["layers"]),
                    **convergence(report["layers"]), targets=targets,
-                   error_dense=sum(r.get("error_dense", 0.0) for r in report["layers"]))
+                   error_dense=sum(r.get("error_dense", 0.0) for r in report["layers"]),
+                   order=order)
         rows.append({k: str(v) for k, v in row.items()})
         print(",".join(str(row[f]) for f in FIELDS), flush=True)
         with csv_path.open("w", newline="") as handle:

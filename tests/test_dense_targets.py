@@ -111,36 +111,89 @@ def _layer_matrices(model, names, inputs):
     return {n: torch.cat(v).double() for n, v in seen.items()}
 
 
-def test_the_driver_pairs_each_layer_input_with_the_dense_models(model_dir, text_file):
-    model, tokenizer = load_model(model_dir, "cpu")
-    dense = copy.deepcopy(model)
-    windows = calibration_windows(tokenize(tokenizer, read_text([text_file])), 6, 40)
-    seen = {}
+# the tiny LLaMA block's layers in call order, grouped by shared input
+CALL_GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+               ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
-    def prune_half(layers, stats):  # record the statistics, then prune by magnitude
+
+def _prune_by_magnitude(seen, calls):
+    """A block callback that records the statistics and the groups it is called with, then
+    halves every row by magnitude."""
+    def prune_half(layers, stats):
+        calls.append(list(layers))
         for name, module in layers.items():
             seen[name] = stats[name]
             w = module.weight
             w.mul_(w.abs() >= w.abs().median(dim=1, keepdim=True).values)
         return [{} for _ in layers]
+    return prune_half
 
-    prune_sequential(model, windows, prune_half, batch_size=6, progress=False,
-                     dense_targets=True)
-    prefix, blocks = decoder_blocks(model)
-    # block 1's reference inputs: block 0 pruned, block 1 still dense
+
+def _partly_pruned(dense, pruned, block, before):
+    """A copy of `dense` with the blocks before `block` and the layers `before` of `block`
+    taken from `pruned`."""
     reference = copy.deepcopy(dense)
-    decoder_blocks(reference)[1][0].load_state_dict(blocks[0].state_dict())
+    ref_blocks, pruned_blocks = decoder_blocks(reference)[1], decoder_blocks(pruned)[1]
+    for index in range(block):
+        ref_blocks[index].load_state_dict(pruned_blocks[index].state_dict())
+    modules, pruned_modules = dict(ref_blocks[block].named_modules()), dict(
+        pruned_blocks[block].named_modules())
+    for name in before:
+        modules[name].weight.data.copy_(pruned_modules[name].weight)
+    return reference
+
+
+@pytest.mark.parametrize("dense_targets", [False, True])
+def test_true_sequential_takes_each_group_on_the_groups_pruned_before_it(
+        model_dir, text_file, dense_targets):
+    """Block 1's statistics of each call group against plain forwards of a model whose block
+    0 and earlier groups of block 1 are pruned (and, for dense targets, of the dense model);
+    dense targets always go group by group."""
+    model, tokenizer = load_model(model_dir, "cpu")
+    dense = copy.deepcopy(model)
+    windows = calibration_windows(tokenize(tokenizer, read_text([text_file])), 6, 40)
+    seen, calls = {}, []
+    prune_sequential(model, windows, _prune_by_magnitude(seen, calls), batch_size=6,
+                     progress=False, dense_targets=dense_targets,
+                     true_sequential=not dense_targets)
+    prefix = decoder_blocks(model)[0]
+    assert calls[4:8] == [[f"{prefix}.1.{n}" for n in group] for group in CALL_GROUPS]
+    for g, group in enumerate(CALL_GROUPS):
+        before = [name for earlier in CALL_GROUPS[:g] for name in earlier]
+        reference = _partly_pruned(dense, model, 1, before)
+        names = [f"{prefix}.1.{n}" for n in group]
+        x = _layer_matrices(reference, names, [windows])
+        x0 = _layer_matrices(dense, names, [windows])
+        for name in names:
+            scale = float((x[name].T @ x[name]).abs().max()) / len(x[name])
+            torch.testing.assert_close(seen[name].hessian.double(),
+                                       x[name].T @ x[name] / len(x[name]), rtol=1e-4,
+                                       atol=1e-5 * scale)
+            if dense_targets:
+                torch.testing.assert_close(seen[name].cross.double(),
+                                           x[name].T @ x0[name] / len(x[name]), rtol=1e-4,
+                                           atol=1e-5 * scale)
+                assert (seen[name].cross - seen[name].hessian).abs().max() > 0.01 * scale
+    if dense_targets:
+        for name in (n for n in seen if n.startswith(f"{prefix}.0.q_proj")):  # X = X0
+            torch.testing.assert_close(seen[name].cross, seen[name].hessian)
+
+
+def test_by_default_a_block_is_pruned_at_once_on_its_dense_self(model_dir, text_file):
+    model, tokenizer = load_model(model_dir, "cpu")
+    dense = copy.deepcopy(model)
+    windows = calibration_windows(tokenize(tokenizer, read_text([text_file])), 6, 40)
+    seen, calls = {}, []
+    prune_sequential(model, windows, _prune_by_magnitude(seen, calls), batch_size=6,
+                     progress=False)
+    prefix = decoder_blocks(model)[0]
+    assert len(calls) == 2 and len(calls[1]) == 7
+    reference = _partly_pruned(dense, model, 1, [])
     names = [n for n in seen if n.startswith(f"{prefix}.1.")]
     x = _layer_matrices(reference, names, [windows])
-    x0 = _layer_matrices(dense, names, [windows])
     for name in names:
-        cross = x[name].T @ x0[name] / len(x[name])
-        scale = float(cross.abs().max())
-        torch.testing.assert_close(seen[name].cross.double(), cross, rtol=1e-4,
-                                   atol=1e-5 * scale)
-        assert (seen[name].cross - seen[name].hessian).abs().max() > 0.01 * scale
-    for name in (n for n in seen if n.startswith(f"{prefix}.0.")):  # X = X0 in block 0
-        torch.testing.assert_close(seen[name].cross, seen[name].hessian)
+        torch.testing.assert_close(seen[name].hessian.double(),
+                                   x[name].T @ x[name] / len(x[name]), rtol=1e-4, atol=1e-6)
 
 
 def test_a_restored_block_still_carries_the_dense_activations(model_dir, text_file):
@@ -162,19 +215,20 @@ def test_a_restored_block_still_carries_the_dense_activations(model_dir, text_fi
             assert torch.equal(module.weight, modules[name].weight), name
 
 
-def test_dense_targets_change_only_the_layers_after_the_first_block(model_dir, text_file):
+def test_dense_targets_change_only_the_layers_after_the_first_group(model_dir, text_file):
     results = {}
     for dense_targets in (False, True):
         model, tokenizer = load_model(model_dir, "cpu")
-        settings = LLMPruneSettings(method="alps", nsamples=4, seqlen=32,
+        settings = LLMPruneSettings(method="alps", nsamples=4, seqlen=32, true_sequential=True,
                                     dense_targets=dense_targets)
         report = prune_model(model, tokenizer, settings, [text_file], progress=False)
         results[dense_targets] = {r["name"]: r["error_after"] for r in report["layers"]}
-    block0 = [n for n in results[True] if ".layers.0." in n]
-    later = [n for n in results[True] if ".layers.1." in n]
-    for name in block0:  # T = W0 up to the ridge's rounding
+    first = [n for n in results[True] if ".layers.0.self_attn." in n and "o_proj" not in n]
+    later = [n for n in results[True] if n not in first]
+    assert len(first) == 3
+    for name in first:  # X = X0 there, so T = W0 up to the ridge's rounding
         assert results[True][name] == pytest.approx(results[False][name], rel=1e-3)
-    assert any(results[True][n] != pytest.approx(results[False][n], rel=1e-3) for n in later)
+    assert all(results[True][n] != pytest.approx(results[False][n], rel=1e-3) for n in later)
 
 
 @pytest.mark.parametrize("architecture", ["vit", "resnet"])

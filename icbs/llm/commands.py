@@ -81,6 +81,10 @@ def add_commands(subparsers) -> None:
                             "model's inputs) rather than to the dense weights on the pruned "
                             "model's inputs, correcting the error made upstream; one more "
                             "forward pass per block")
+    prune.add_argument("--true-sequential", action="store_true",
+                       help="prune a decoder block's layers group by group in call order "
+                            "(q/k/v, o, gate/up, down), each on the outputs of those pruned "
+                            "before it (always so with --dense-targets)")
     prune.add_argument("--target-damp", type=float, default=0.1,
                        help="with --dense-targets: ridge pulling each layer's target toward its "
                             "dense weights, as a fraction of mean(diag H) (default 0.1; lower "
@@ -196,7 +200,8 @@ def run_prune(args) -> None:
         include=tuple(args.include), exclude=tuple(args.exclude),
         batch_size=8 if args.batch_size is None else args.batch_size, bos=args.bos,
         objective=args.objective, steps=args.steps, batched_steps=args.batched_steps,
-        dense_targets=args.dense_targets, target_damp=args.target_damp)
+        dense_targets=args.dense_targets, target_damp=args.target_damp,
+        true_sequential=args.true_sequential)
     flag_at_least("--workers", args.workers, 1)
     if args.workers is not None and args.ray_address is not None:
         raise ValueError("give --workers (a local Ray instance) or --ray-address (a cluster), "

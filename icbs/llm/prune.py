@@ -37,6 +37,7 @@ class LLMPruneSettings(SequentialSettings):
     seqlen: int = 512
     batch_size: int = 8
     bos: str = "auto"  # BOS before every calibration window: auto, yes, no
+    true_sequential: bool = False  # a block's layers group by group (always with dense targets)
 
     def __post_init__(self):
         super().__post_init__()
@@ -89,7 +90,8 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
                                exclude=settings.exclude, batch_size=settings.batch_size,
                                progress=progress, restored=pruner.restored.keys(),
                                load_block=load_block, block_done=block_done,
-                               dense_targets=settings.dense_targets)
+                               dense_targets=settings.dense_targets,
+                               true_sequential=settings.true_sequential)
     times["prune"] = time.perf_counter() - tic
     for key in ("seconds_start", "seconds_icbs", "seconds_steps", "seconds_reconstruct"):
         times[key.replace("seconds_", "layers_")] = sum(r.get(key, 0.0) for r in records)

@@ -114,19 +114,25 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _call_capturing(block: nn.Module, layers: dict[str, nn.Linear], hidden: torch.Tensor,
-                    args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    args: tuple, kwargs: dict, stop: bool = False
+                    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """(the block's output hidden states, each layer's input by name, in call order) of one
-    call of the block."""
+    call of the block. With `stop` the call ends as soon as every layer of `layers` has its
+    input, and the output is None."""
     captured: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str):
         def hook(_module, hook_args):
             captured[name] = hook_args[0]
+            if stop and len(captured) == len(layers):
+                raise _StopForward
         return hook
 
     handles = [mod.register_forward_pre_hook(make_hook(name)) for name, mod in layers.items()]
     try:
         output = _hidden_output(block(hidden, *args, **kwargs))
+    except _StopForward:
+        output = None
     finally:
         for handle in handles:
             handle.remove()
@@ -134,23 +140,48 @@ def _call_capturing(block: nn.Module, layers: dict[str, nn.Linear], hidden: torc
 
 
 @torch.no_grad()
+def call_groups(block: nn.Module, layers: dict[str, nn.Linear], inputs: BlockInputs
+                ) -> list[list[str]]:
+    """The layers' names in the order the block calls them (on the first calibration batch),
+    grouped: consecutive layers fed the very same tensor (q/k/v, gate/up) form one group."""
+    hidden, args, kwargs = next(iter(inputs.calls()))
+    _, captured = _call_capturing(block, layers, hidden, args, kwargs)
+    groups: list[list[str]] = []
+    for name, x in captured.items():
+        if groups and captured[groups[-1][-1]] is x:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    missing = [name for name in layers if name not in captured]
+    if missing:
+        raise ValueError(f"no calibration inputs reached {missing}")
+    return groups
+
+
+@torch.no_grad()
+def dense_pass(block: nn.Module, layers: dict[str, nn.Linear], dense: list[torch.Tensor],
+               inputs: BlockInputs) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """(the block's outputs, its layers' inputs) for each batch of `dense`, the block's
+    inputs in the dense model (the block still dense; the other call arguments those of
+    `inputs`)."""
+    calls = [_call_capturing(block, layers, hidden, args, kwargs)
+             for hidden, (_, args, kwargs) in zip(dense, inputs.calls(), strict=True)]
+    return [output for output, _ in calls], [captured for _, captured in calls]
+
+
+@torch.no_grad()
 def collect_statistics(block: nn.Module, layers: dict[str, nn.Linear], inputs: BlockInputs,
-                       dense: list[torch.Tensor] | None = None
-                       ) -> tuple[dict[str, InputCovariance], list[torch.Tensor] | None]:
+                       dense_inputs: list[dict[str, torch.Tensor]] | None = None,
+                       stop: bool = False) -> dict[str, InputCovariance]:
     """X X^T / tokens of each layer's inputs over all batches. Layers fed the very same tensor
-    in a call (q/k/v, gate/up) share one accumulator. With `dense` (the block's inputs in the
-    dense model, one tensor per batch; the block still dense) the statistics are paired with
-    the dense model's layer inputs on the same tokens (`InputCovariance.cross`), and the
-    block's dense outputs are returned as well (else None)."""
+    in a call (q/k/v, gate/up) share one accumulator. With `dense_inputs` (each batch's layer
+    inputs in the dense model, `dense_pass`) the statistics are paired with them on the same
+    tokens (`InputCovariance.cross`). With `stop` each call of the block ends once `layers`
+    have their inputs (they are the block's first layers still to be pruned)."""
     covariances: dict[str, InputCovariance] = {}
     leaders: dict[str, str] = {}
-    dense_outputs = None if dense is None else []
     for batch, (hidden, args, kwargs) in enumerate(inputs.calls()):
-        dense_inputs = None
-        if dense is not None:
-            output, dense_inputs = _call_capturing(block, layers, dense[batch], args, kwargs)
-            dense_outputs.append(output)
-        _, layer_inputs = _call_capturing(block, layers, hidden, args, kwargs)
+        _, layer_inputs = _call_capturing(block, layers, hidden, args, kwargs, stop)
         first: dict[int, str] = {}
         for name, x in layer_inputs.items():
             leader = first.setdefault(id(x), name)
@@ -159,12 +190,13 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Linear], inputs: B
                 continue
             if name not in covariances:
                 covariances[name] = InputCovariance(x.shape[-1], device=x.device,
-                                                    paired=dense is not None)
-            covariances[name].add_batch(x, None if dense_inputs is None else dense_inputs[name])
+                                                    paired=dense_inputs is not None)
+            covariances[name].add_batch(x, None if dense_inputs is None
+                                        else dense_inputs[batch][name])
     missing = [name for name in layers if name not in covariances and name not in leaders]
     if missing:
         raise ValueError(f"no calibration inputs reached {missing}")
-    return {name: covariances[leaders.get(name, name)] for name in layers}, dense_outputs
+    return {name: covariances[leaders.get(name, name)] for name in layers}
 
 
 BlockCallback = Callable[[dict[str, nn.Linear], dict[str, InputCovariance]], list[dict]]
@@ -184,7 +216,7 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor | None, prune_block
                      restored: Container[str] = (),
                      load_block: Callable[[int], None] | None = None,
                      block_done: Callable[[int], None] | None = None,
-                     dense_targets: bool = False) -> list[dict]:
+                     dense_targets: bool = False, true_sequential: bool = False) -> list[dict]:
     """Prune the linear layers of every decoder block, block by block.
 
     `prune_block(layers, statistics)` rewrites the `weight` of every module of `layers`
@@ -192,19 +224,29 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor | None, prune_block
     returns one record per layer for the report (`per_layer` makes one from a per-layer
     callback). With `windows=None` no calibration pass is made and statistics are empty.
     Layers in `restored` get no statistics (the callback sets their saved result), and a
-    block made only of them is just run forward. With `dense_targets` the dense model's
+    block made only of them is just run forward.
+
+    By default a block's statistics are taken in one pass, all its layers on the block
+    still dense, and the callback gets the whole block. With `true_sequential` it gets the
+    block's layers group by group in call order (`call_groups`: q/k/v, o, gate/up, down),
+    each group's statistics taken on the outputs of the groups pruned before it (SparseGPT's
+    "true sequential"; a partial forward per group). With `dense_targets` the dense model's
     activations are carried beside the pruned model's and the statistics are paired with
     them (`collect_statistics`), so that the callback can fit each layer to the dense
     model's outputs rather than to the dense weights on the pruned model's inputs (which
-    leaves the error made upstream uncorrected). `load_block(index)` is called before block
+    leaves the error made upstream uncorrected); the layers then always go group by group,
+    since a layer fit to the dense outputs on inputs from dense layers before it would
+    correct again what those layers correct once pruned. The dense stream holds one block's
+    layer inputs for every calibration batch. `load_block(index)` is called before block
     `index` is used and `block_done(index)` after its outputs were computed (a model held one
-    block at a time, `icbs.llm.lazy`). Returns the records in order, each with the layer's
-    name added.
+    block at a time, `icbs.llm.lazy`). Returns the records in the blocks' layer order, each
+    with the layer's name added.
     """
     prefix, blocks = decoder_blocks(model)
     inputs = None if windows is None else capture_block_inputs(model, blocks[0], windows,
                                                                batch_size)
     dense = None if inputs is None or not dense_targets else list(inputs.hidden)
+    in_call_order = true_sequential or dense_targets
     records = []
     for index in tqdm(range(len(blocks)), desc="decoder blocks", disable=not progress):
         if load_block is not None:
@@ -212,17 +254,24 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor | None, prune_block
         block = blocks[index]
         layers = select_linears(block, f"{prefix}.{index}", include, exclude)
         fresh = [name for name in layers if name not in restored]
-        stats, dense_outputs = {}, None
-        if inputs is not None and fresh:
-            stats, dense_outputs = collect_statistics(block, layers, inputs, dense)
-        elif dense is not None:  # a restored block, still dense until the callback
-            dense_outputs = run_block(block, BlockInputs(dense, inputs.args, inputs.kwargs))
-        records += [{"name": name, **record} for name, record in
-                    zip(layers, prune_block(layers, stats), strict=True)]
-        del stats
+        dense_inputs = None
+        if dense is not None:  # before any layer of the block is pruned or restored
+            dense, dense_inputs = dense_pass(block, layers, dense, inputs)
+        groups = (call_groups(block, layers, inputs) if in_call_order and inputs is not None
+                  and fresh else [list(layers)])
+        by_name = {}
+        for group in groups:
+            members = {name: layers[name] for name in group}
+            stats = {}
+            if inputs is not None and any(name not in restored for name in group):
+                stats = collect_statistics(block, members, inputs, dense_inputs,
+                                           stop=len(groups) > 1)
+            by_name.update(zip(group, prune_block(members, stats), strict=True))
+            del stats
+        records += [{"name": name, **by_name[name]} for name in layers]
+        del dense_inputs
         if inputs is not None and index + 1 < len(blocks):
             inputs.hidden = run_block(block, inputs)
-            dense = dense_outputs
         if block_done is not None:
             block_done(index)
         logger.info("pruned block %d/%d (%d layers)", index + 1, len(blocks), len(layers))
