@@ -45,7 +45,9 @@ def _weights(directory):
     return tensors
 
 
-def test_block_at_a_time_pruning_equals_pruning_the_loaded_model(files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("order", ["block", "true_sequential", "dense_targets"])
+def test_block_at_a_time_pruning_equals_pruning_the_loaded_model(files, tmp_path, monkeypatch,
+                                                                 order):
     resident = []
     load_block = LazyModel.load_block
 
@@ -56,15 +58,17 @@ def test_block_at_a_time_pruning_equals_pruning_the_loaded_model(files, tmp_path
 
     monkeypatch.setattr(LazyModel, "load_block", counting_load_block)
     out = tmp_path / "out"
+    flags = [] if order == "block" else ["--" + order.replace("_", "-")]
     main(_args(files, out, "--method", "sparsegpt", "--pattern", "2:4", "--sparsegpt-columns",
-               "16", "--eval-text", str(files["text"]), "--max-tokens", "512"))
+               "16", "--eval-text", str(files["text"]), "--max-tokens", "512", *flags))
     assert resident == [1, 1, 1, 1]  # two blocks pruned, then two evaluated, one at a time
     report = json.loads((out / "report.json").read_text())
     assert report["memory"]["peak_rss_bytes"] > 0
 
     model, tokenizer = load_model(files["model"], "cpu")
     settings = LLMPruneSettings(method="sparsegpt", pattern="2:4", nsamples=4, seqlen=32,
-                                sparsegpt_columns=16)
+                                sparsegpt_columns=16, **({} if order == "block" else {order: True}))
+    assert report["settings"]["true_sequential"] == (order == "true_sequential")
     expected = prune_model(model, tokenizer, settings, [files["text"]])
     written = _weights(out)
     assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].keys() \
