@@ -80,7 +80,8 @@ def add_commands(subparsers) -> None:
                        help="fit every layer to the dense model's outputs (on the dense "
                             "model's inputs) rather than to the dense weights on the pruned "
                             "model's inputs, correcting the error made upstream; one more "
-                            "forward pass per block")
+                            "forward pass per block, and a block's layers are taken in call "
+                            "order as with --true-sequential")
     prune.add_argument("--true-sequential", action="store_true",
                        help="prune a decoder block's layers group by group in call order "
                             "(q/k/v, o, gate/up, down), each on the outputs of those pruned "
