@@ -120,7 +120,8 @@ def plot(rows: list[dict], path: Path) -> None:
                       else "o" if icbs else "s")
             label = f"{method} from {init}" if icbs else method
             label += "" if targets == "pruned" else f", targets {targets}"
-            label += ", true sequential" if order == "sequential" and targets == "pruned" else ""
+            if (order == "sequential") == (targets == "pruned"):  # not the default order
+                label += ", true sequential" if order == "sequential" else ", block at once"
             ax.plot(*zip(*pts, strict=True), marker + (("--" if dashed else "-") if icbs else ""),
                     color=f"C{METHODS.index(method)}", mfc="none" if targets != "pruned" else None,
                     label=label)
