@@ -1,14 +1,18 @@
 """The LLM pipeline on a GPU: CUDA gives what the CPU gives, and absolute times there.
 
 1. A tiny LLaMA (float32, random weights, a character tokenizer) pruned on the CPU and on
-   CUDA with the same calibration windows: magnitude and Wanda masks must be identical,
-   SparseGPT's nearly so; every method keeps the pattern exactly.
+   CUDA with the same calibration windows, every method (ALPS, the refit steps and dense
+   targets too): magnitude and Wanda masks must be identical, the others nearly so; every
+   method keeps the pattern exactly and leaves finite weights, zero where pruned.
 2. SmolLM2-135M's shape (its config.json and tokenizer, random bfloat16 weights: the hub's
    checkpoint dtype) pruned through `icbs prune --device cuda` with every method: time per
    phase, peak GPU memory, exact sparsity, and `icbs eval` on the saved directory
    reproducing the report's perplexity (meaningless in value: the weights are random).
 
     python experiments/gpu_check.py --config DIR --calib a.txt --eval b.txt --out DIR
+
+`--parts tiny` runs the first part alone (no --config needed). The real SmolLM2 on CUDA is
+`experiments/quality_time_llm.py --device cuda`.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from transformers import (
 from icbs.cli import main as icbs_main
 from icbs.llm.commands import text_perplexity
 from icbs.llm.load import load_model
-from icbs.llm.prune import LLMPruneSettings, prune_model
+from icbs.llm.prune import LLMPruneSettings, prunable_layers, prune_model
 from icbs.masks import mask_matches_pattern, parse_pattern
 
 METHODS = {  # name -> `icbs prune` arguments
@@ -58,25 +62,56 @@ def tiny_model(path: Path, text: str) -> None:
     tokenizer.save_pretrained(path)
 
 
+# (label, LLMPruneSettings fields) pruned on both devices; the refit steps get a step count,
+# not a time budget, so that both devices do the same work
+CPU_VERSUS_CUDA = [
+    ("magnitude", dict(method="magnitude", pattern="per_output")),
+    ("wanda", dict(method="wanda", pattern="per_output")),
+    ("wanda", dict(method="wanda", pattern="2:4")),
+    ("sparsegpt", dict(method="sparsegpt", pattern="per_output")),
+    ("sparsegpt", dict(method="sparsegpt", pattern="2:4")),
+    ("alps", dict(method="alps", pattern="per_output")),
+    ("alps", dict(method="alps", pattern="2:4")),
+    ("icbs", dict(method="icbs", pattern="2:4", budget=5.0)),
+    ("icbs+refit", dict(method="icbs", pattern="per_output", init="sparsegpt",
+                        objective="refit", steps=300)),
+    ("sparsegpt dense targets", dict(method="sparsegpt", pattern="per_output",
+                                     dense_targets=True)),
+    ("alps dense targets", dict(method="alps", pattern="2:4", dense_targets=True)),
+    ("icbs+refit dense targets", dict(method="icbs", pattern="per_output", init="sparsegpt",
+                                      objective="refit", steps=300, dense_targets=True)),
+]
+
+
 def cpu_versus_cuda(model_dir: Path, calib: list[str]) -> list[dict]:
+    """Every method on the tiny model on both devices: the masks' agreement and the summed
+    layer errors (against the pruned or the dense stream's outputs) side by side."""
     rows = []
-    for method, pattern in [("magnitude", "per_output"), ("wanda", "per_output"),
-                            ("wanda", "2:4"), ("sparsegpt", "per_output"),
-                            ("sparsegpt", "2:4"), ("icbs", "2:4")]:
-        settings = LLMPruneSettings(method=method, pattern=pattern, sparsity=0.5, nsamples=16,
-                                    seqlen=128, budget=5.0)
-        masks = {}
+    for label, fields in CPU_VERSUS_CUDA:
+        settings = LLMPruneSettings(sparsity=0.5, nsamples=16, seqlen=128, **fields)
+        masks, errors, seconds = {}, {}, {}
         for device in ("cpu", "cuda"):
             model, tokenizer = load_model(model_dir, device)
+            tic = time.perf_counter()
             report = prune_model(model, tokenizer, settings, calib, progress=False)
+            seconds[device] = round(time.perf_counter() - tic, 2)
             masks[device] = report["masks"]
+            errors[device] = sum(r.get("error_dense", r.get("error_after", 0.0))
+                                 for r in report["layers"])
             for name, mask in report["masks"].items():
-                assert mask_matches_pattern(mask, parse_pattern(pattern), 0.5), (method, name)
+                assert mask_matches_pattern(mask, parse_pattern(settings.pattern), 0.5), \
+                    (label, name)
+            for name, layer in prunable_layers(model, settings).items():
+                assert torch.isfinite(layer.weight).all(), (label, name)
+                assert not layer.weight[~masks[device][name].to(layer.weight.device)].any(), \
+                    (label, name, "a pruned weight is not zero")
         agree = [float((masks["cpu"][n] == masks["cuda"][n]).float().mean()) for n in masks["cpu"]]
-        rows.append(dict(method=method, pattern=pattern, mask_agreement_min=min(agree)))
+        rows.append(dict(method=label, pattern=settings.pattern, mask_agreement_min=min(agree),
+                         error_cpu=errors["cpu"], error_cuda=errors["cuda"],
+                         seconds_cpu=seconds["cpu"], seconds_cuda=seconds["cuda"]))
         print(rows[-1], flush=True)
-        if method in ("magnitude", "wanda"):
-            assert min(agree) == 1.0, f"{method} masks differ between CPU and CUDA"
+        if settings.method in ("magnitude", "wanda"):
+            assert min(agree) == 1.0, f"{label} masks differ between CPU and CUDA"
     return rows
 
 
@@ -124,8 +159,10 @@ def cuda_runs(model_dir: Path, calib: list[str], evals: list[str], out: Path,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True,
-                        help="directory with SmolLM2's config.json and tokenizer files")
+    parser.add_argument("--parts", nargs="+", default=["tiny", "smol"], choices=["tiny", "smol"],
+                        help="tiny: every method on CPU and CUDA; smol: SmolLM2-shaped runs")
+    parser.add_argument("--config",
+                        help="directory with SmolLM2's config.json and tokenizer files (smol)")
     parser.add_argument("--calib", nargs="+", required=True)
     parser.add_argument("--eval", nargs="+", required=True)
     parser.add_argument("--budget", type=float, default=60.0, help="iCBS seconds per run")
@@ -133,16 +170,20 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check runs on a GPU machine")
+    if "smol" in args.parts and not args.config:
+        parser.error("--parts smol needs --config")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         tiny, smol = Path(tmp) / "tiny", Path(tmp) / "smol"
-        tiny_model(tiny, Path(args.calib[0]).read_text(encoding="utf-8"))
-        result["cpu_vs_cuda"] = cpu_versus_cuda(tiny, args.calib)
-        smol_shaped(Path(args.config), smol)
-        result["cuda_runs"] = cuda_runs(smol, args.calib, args.eval, Path(tmp) / "runs",
-                                        args.budget)
+        if "tiny" in args.parts:
+            tiny_model(tiny, Path(args.calib[0]).read_text(encoding="utf-8"))
+            result["cpu_vs_cuda"] = cpu_versus_cuda(tiny, args.calib)
+        if "smol" in args.parts:
+            smol_shaped(Path(args.config), smol)
+            result["cuda_runs"] = cuda_runs(smol, args.calib, args.eval, Path(tmp) / "runs",
+                                            args.budget)
     (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from icbs.llm.commands import text_perplexity
-from icbs.llm.load import load_model, resolve_model_dir
+from icbs.llm.load import choose_device, load_model, resolve_model_dir
 from icbs.llm.prune import INITS, LLMPruneSettings, prune_model
 from icbs.masks import parse_setting
 
@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--true-sequential", action="store_true",
                         help="a block's layers group by group in call order (icbs prune "
                              "--true-sequential; always so with --dense-targets)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda or cuda:N: where the model is pruned and evaluated")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 measured fastest on a shared 2-core machine)")
     parser.add_argument("--out", default="experiments/results/llm")
@@ -190,17 +192,20 @@ def main(argv: list[str] | None = None) -> None:
     order = "sequential" if args.true_sequential or args.dense_targets else "block"
     done = {(r["method"], r["init"], r["pattern"], float(r["sparsity"]), float(r["budget"]),
              r.get("targets") or "pruned", r.get("order") or "block") for r in rows}
+    device = choose_device(args.device)
     model_dir = resolve_model_dir(args.model)
     for key, settings in runs(args):
         method, pattern, sparsity, budget = key
         init = settings.init if method.startswith("icbs") else ""
         if (method, init, pattern, sparsity, budget, targets, order) in done:
             continue
-        model, tokenizer = load_model(model_dir, "cpu")
+        model, tokenizer = load_model(model_dir, device)
         tic = time.perf_counter()
         report = {"layers": [], "budget_used": 0.0}
         if settings is not None:
             report = prune_model(model, tokenizer, settings, args.calib, progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - tic
         if args.save_models:
             name = "-".join(str(part) for part in (method, init or "none", pattern.replace(
