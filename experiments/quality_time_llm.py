@@ -34,7 +34,7 @@ from icbs.masks import parse_setting
 FIELDS = ["method", "init", "reconstruct", "pattern", "sparsity", "budget", "prune_seconds",
           "perplexity", "nsamples", "seqlen", "scored_tokens", "budget_used", "error_start",
           "error_final", "steps", "accepted", "late_acceptance", "rows_visited", "targets",
-          "error_dense", "order"]
+          "error_dense", "order", "solver"]
 METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "sparsegpt+rec", "alps", "icbs",
            "icbs+rec", "icbs+refit"]
 
@@ -88,10 +88,15 @@ def convergence(records: list[dict]) -> dict:
     return out
 
 
-def _line(row: dict) -> tuple[str, str, str, str]:
-    """(method, init, targets, order) of a CSV row: the runs one plotted line joins."""
+def _solver(method: str, solver: str) -> str:
+    """The solver column: the block steps' solver, empty for a method without them."""
+    return solver if method.startswith("icbs") else ""
+
+
+def _line(row: dict) -> tuple[str, str, str, str, str]:
+    """(method, init, targets, order, solver) of a CSV row: the runs one plotted line joins."""
     return (row["method"], row["init"], row.get("targets") or "pruned",
-            row.get("order") or "block")
+            row.get("order") or "block", row.get("solver") or _solver(row["method"], "anneal"))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -107,22 +112,24 @@ def plot(rows: list[dict], path: Path) -> None:
                              squeeze=False)
     for ax, (pattern, sparsity) in zip(axes[0], settings, strict=False):
         chosen = [r for r in rows if r["pattern"] == pattern and float(r["sparsity"]) == sparsity]
-        for method, init, targets, order in sorted({_line(r) for r in chosen},
+        for method, init, targets, order, solver in sorted({_line(r) for r in chosen},
                                                    key=lambda m: (METHODS.index(m[0]), *m[1:])):
             pts = sorted((float(r["prune_seconds"]), float(r["perplexity"])) for r in chosen
-                         if _line(r) == (method, init, targets, order))
+                         if _line(r) == (method, init, targets, order, solver))
             icbs = method.startswith("icbs")
             # one colour per method across panels; an iCBS start other than its default
-            # dashed; dense targets drawn with open diamonds, true-sequential order with
-            # triangles
-            dashed = icbs and init != DEFAULT_INITS[method]
+            # dashed, a solver other than anneal dotted; dense targets drawn with open
+            # diamonds, true-sequential order with triangles
+            style = (":" if solver not in ("", "anneal") else
+                     "--" if init != DEFAULT_INITS[method] else "-") if icbs else ""
             marker = ("D" if targets != "pruned" else "^" if order == "sequential"
                       else "o" if icbs else "s")
             label = f"{method} from {init}" if icbs else method
             label += "" if targets == "pruned" else f", targets {targets}"
+            label += "" if solver in ("", "anneal") else f", {solver}"
             if (order == "sequential") == (targets == "pruned"):  # not the default order
                 label += ", true sequential" if order == "sequential" else ", block at once"
-            ax.plot(*zip(*pts, strict=True), marker + (("--" if dashed else "-") if icbs else ""),
+            ax.plot(*zip(*pts, strict=True), marker + style,
                     color=f"C{METHODS.index(method)}", mfc="none" if targets != "pruned" else None,
                     label=label)
         if dense:
@@ -191,13 +198,15 @@ def main(argv: list[str] | None = None) -> None:
     targets = f"dense@{args.target_damp:g}" if args.dense_targets else "pruned"
     order = "sequential" if args.true_sequential or args.dense_targets else "block"
     done = {(r["method"], r["init"], r["pattern"], float(r["sparsity"]), float(r["budget"]),
-             r.get("targets") or "pruned", r.get("order") or "block") for r in rows}
+             r.get("targets") or "pruned", r.get("order") or "block",
+             r.get("solver") or _solver(r["method"], "anneal")) for r in rows}
     device = choose_device(args.device)
     model_dir = resolve_model_dir(args.model)
     for key, settings in runs(args):
         method, pattern, sparsity, budget = key
         init = settings.init if method.startswith("icbs") else ""
-        if (method, init, pattern, sparsity, budget, targets, order) in done:
+        if (method, init, pattern, sparsity, budget, targets, order,
+                _solver(method, args.solver)) in done:
             continue
         model, tokenizer = load_model(model_dir, device)
         tic = time.perf_counter()
@@ -225,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                    error_final=sum(r.get("error_after", 0.0) for r in report["layers"]),
                    **convergence(report["layers"]), targets=targets,
                    error_dense=sum(r.get("error_dense", 0.0) for r in report["layers"]),
-                   order=order)
+                   order=order, solver=_solver(method, args.solver))
         rows.append({k: str(v) for k, v in row.items()})
         print(",".join(str(row[f]) for f in FIELDS), flush=True)
         with csv_path.open("w", newline="") as handle:
