@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from solvers import CardinalityQUBO
+from solvers import CardinalityQUBO, QUBOStack
 
 
 @dataclass
@@ -41,16 +41,37 @@ def quadratic_model(
     H: torch.Tensor,
     gamma: float = 1.0,
     ridge: float = 0.0,
-) -> tuple[np.ndarray, float]:
-    """Q (float64) and c of dL(x) = x^T Q x + c for one block; H must be symmetric, and
-    then Q is exactly symmetric. H is not modified."""
+) -> tuple[np.ndarray, float | np.ndarray]:
+    """Q (float64) and c of dL(x) = x^T Q x + c for one block, or for a stack of blocks when
+    the arguments have a leading batch dimension ((R, n) vectors, (R, n, n) H: Q (R, n, n),
+    c (R,)); H must be symmetric, and then Q is exactly symmetric. H is not modified."""
     H, v, a, g = (t.double() for t in (H, v, a, g))
     if ridge:
-        H = H + 2.0 * ridge * torch.eye(len(v), dtype=H.dtype, device=H.device)
-    Q = torch.outer(v, v).mul_(0.5).mul_(H)
-    Q.diagonal().sub_(v * (H @ a) + gamma * v * g)
-    c = 0.5 * a @ H @ a + gamma * g @ a
-    return Q.cpu().numpy(), float(c)
+        H = H + 2.0 * ridge * torch.eye(v.shape[-1], dtype=H.dtype, device=H.device)
+    ha = (H @ a[..., None])[..., 0]
+    Q = (v[..., :, None] * v[..., None, :]).mul_(0.5).mul_(H)
+    Q.diagonal(dim1=-2, dim2=-1).sub_(v * ha + gamma * v * g)
+    c = 0.5 * (a * ha).sum(-1) + gamma * (g * a).sum(-1)
+    return Q.cpu().numpy(), float(c) if c.dim() == 0 else c.cpu().numpy()
+
+
+def _solver_matrices(Q: np.ndarray, eps: float) -> np.ndarray:
+    """Q divided by its max|Q| (each matrix of a stack), entries |.| <= eps then zeroed."""
+    scale = np.abs(Q).max(axis=(-2, -1), keepdims=True)
+    scaled = Q / np.where(scale > 0, scale, 1.0)
+    scaled[np.abs(scaled) <= eps] = 0.0
+    return scaled
+
+
+def _local_groups(groups: np.ndarray) -> np.ndarray:
+    """(R, n) pattern group ids -> 0..G-1 in each row, numbered in order of the ids."""
+    order = np.argsort(groups, axis=1, kind="stable")
+    ordered = np.take_along_axis(groups, order, 1)
+    rank = np.concatenate([np.zeros((len(groups), 1), np.int64),
+                           np.cumsum(ordered[:, 1:] != ordered[:, :-1], 1)], 1)
+    local = np.empty_like(rank)
+    np.put_along_axis(local, order, rank, 1)
+    return local
 
 
 def build_block_qubo(
@@ -73,10 +94,31 @@ def build_block_qubo(
     """
     Q, c = quadratic_model(v, a, g, H, gamma, ridge)
     x_now = x_current.cpu().numpy().astype(np.int8)
-    _, local_groups = np.unique(groups.cpu().numpy(), return_inverse=True)
+    local_groups = _local_groups(groups.cpu().numpy()[None])[0]
     k = np.bincount(local_groups, weights=x_now).astype(np.int64)
-    scale = float(np.abs(Q).max())
-    scaled = Q / scale if scale > 0 else Q.copy()
-    scaled[np.abs(scaled) <= eps] = 0.0
-    problem = CardinalityQUBO(scaled, k, groups=local_groups, copy=False, symmetric=True)
+    problem = CardinalityQUBO(_solver_matrices(Q, eps), k, groups=local_groups, copy=False,
+                              symmetric=True)
     return BlockQUBO(Q=Q, c=c, problem=problem, x_current=x_now)
+
+
+def build_block_qubos(
+    v: torch.Tensor,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    H: torch.Tensor,
+    x_current: torch.Tensor,
+    groups: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    ridge: float = 0.0,
+    eps: float = 1e-12,
+) -> QUBOStack:
+    """The solver problems of R blocks at once, problem r the one `build_block_qubo` makes
+    from row r of each argument ((R, n) vectors and states, (R, n, n) H, exactly symmetric);
+    every row's block must hold equally many pattern groups."""
+    Q, _ = quadratic_model(v, a, g, H, gamma, ridge)
+    local_groups = _local_groups(groups.cpu().numpy())
+    x_now = x_current.cpu().numpy().astype(np.int64)
+    count = int(local_groups.max()) + 1 if local_groups.size else 1
+    k = np.stack([(x_now * (local_groups == group)).sum(1) for group in range(count)], 1)
+    return QUBOStack(_solver_matrices(Q, eps), k, local_groups)

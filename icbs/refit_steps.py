@@ -22,8 +22,9 @@ the true post-refit error, and the row's weights are moved to the refit for the 
 the OBS update on F (a rank-|P| downdate of M).
 
 Rows are stepped in batches: every tensor of `RowsRefit` has a leading row dimension, one
-step makes a block per row and hands the solver one QUBO per row (`Solver.solve_many`), so
-the linear algebra of hundreds of rows is one batched call instead of hundreds of small ones.
+step makes a block per row and hands the solver one QUBO per row, built together and solved as
+one stack (`Solver.solve_stack`: one kernel call for the greedy solver), so the linear algebra
+of hundreds of rows is one batched call instead of hundreds of small ones.
 A batch holds rows with equally many kept weights (per_output and N:M keep that count
 fixed); `unstructured` pairs single-row batches whose QUBOs share one count.
 """
@@ -34,10 +35,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from icbs.block_qubo import build_block_qubo
+from icbs.block_qubo import build_block_qubos
 from icbs.masks import Pattern, group_ids
 from icbs.reconstruct import least_squares_update, reconstruction_error
 
@@ -288,7 +288,7 @@ def refit_step(batches: Sequence[RowsRefit], blocks: Sequence[torch.Tensor],
                groups: torch.Tensor, solver, gen: torch.Generator
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One block step on every row of equally long batches: row r of every batch goes into
-    QUBO r (their blocks side by side, solved by one `solver.solve_many`); `groups` holds
+    QUBO r (their blocks side by side, solved by one `solver.solve_stack`); `groups` holds
     the pattern's group id of every column, and equal ids share one count, across the
     batches too (the unstructured pattern's single group lets sparsity move between the
     rows of a pair). Returns
@@ -304,13 +304,14 @@ def refit_step(batches: Sequence[RowsRefit], blocks: Sequence[torch.Tensor],
     x_now = torch.cat([~rows.keep.gather(1, fb.block) for rows, fb in zip(batches, fbs,
                                                                            strict=True)], 1)
     block_groups = torch.cat([groups[fb.block] for fb in fbs], 1)
-    zero = torch.zeros(y.shape[1], dtype=y.dtype, device=y.device)
-    # E(x) - e_F as the block QUBO's model: v = y, no gradient (F's refit is stationary).
-    qubos = [build_block_qubo(y[r], zero, zero, 2.0 * hessian[r], x_now[r], block_groups[r])
-             for r in range(len(y))]
-    seeds = torch.randint(2**31, (len(qubos),), generator=gen).tolist()
-    results = solver.solve_many([q.problem for q in qubos], [q.x_current for q in qubos], seeds)
-    x = torch.as_tensor(np.stack([r.x for r in results]), device=y.device).bool()
+    zero = torch.zeros_like(y)
+    # E(x) - e_F as the block QUBO's model: v = y, no gradient (F's refit is stationary);
+    # S + S^T is 2 S made exactly symmetric.
+    stack = build_block_qubos(y, zero, zero, hessian + hessian.transpose(1, 2), x_now,
+                              block_groups)
+    seeds = torch.randint(2**31, (len(y),), generator=gen).tolist()
+    answers, _ = solver.solve_stack(stack, x_now.cpu().numpy(), seeds)
+    x = torch.as_tensor(answers, device=y.device).bool()
     before = sum(rows.error for rows in batches)
     after = torch.zeros_like(before)
     answers, start = [], 0

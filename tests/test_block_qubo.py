@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from icbs.block_qubo import build_block_qubo, quadratic_model
+from icbs.block_qubo import build_block_qubo, build_block_qubos, quadratic_model
 from icbs.estimators import LayerwiseEstimator
 from icbs.layers import PrunableLayer
 from icbs.masks import group_ids, mask_from_scores, parse_pattern
@@ -30,6 +30,39 @@ def test_qubo_equals_quadratic_model_for_every_state(gamma, ridge):
         D = a - torch.as_tensor(x, dtype=torch.float64) * v
         model = gamma * g @ D + 0.5 * D @ H @ D + ridge * D @ D
         assert x @ Q @ x + c == pytest.approx(float(model), abs=1e-10)
+
+
+@pytest.mark.parametrize("pattern", ["per_output", "2:4"])
+def test_stacked_qubos_are_the_blocks_built_one_at_a_time(pattern):
+    gen = torch.Generator().manual_seed(3)
+    rows, n = 5, 8
+    v, a, g = (torch.randn(rows, n, generator=gen, dtype=torch.float64) for _ in range(3))
+    G = torch.randn(rows, 6, n, generator=gen, dtype=torch.float64)
+    H = G.transpose(1, 2) @ G
+    H[0, 2, 5] = H[0, 5, 2] = 1e-15 * float(H[0].abs().max())  # dropped by eps in both
+    # each row's block: two 2:4 groups (ids 3 and 7, or one id for per_output) in shuffled
+    # order, two pruned weights in each group
+    ids = torch.tensor([3, 3, 3, 3, 7, 7, 7, 7]) if pattern == "2:4" else torch.zeros(n).long()
+    groups = torch.stack([ids[torch.randperm(n, generator=gen)] for _ in range(rows)])
+    x = torch.zeros(rows, n, dtype=torch.bool)
+    for r in range(rows):
+        for group in groups[r].unique():
+            x[r, (groups[r] == group).nonzero()[:2, 0]] = True
+    stack = build_block_qubos(v, a, g, H, x, groups, gamma=0.5, ridge=0.2)
+    for r in range(rows):
+        one = build_block_qubo(v[r], a[r], g[r], H[r], x[r], groups[r], gamma=0.5, ridge=0.2)
+        # equal up to the rounding of a batched against a single matrix-vector product
+        np.testing.assert_allclose(stack.problem(r).Q, one.problem.Q, rtol=1e-12, atol=1e-15)
+        if r == 0:  # the tiny coupling is zeroed in both
+            assert stack.problem(r).Q[2, 5] == one.problem.Q[2, 5] == 0.0
+        assert np.array_equal(stack.problem(r).groups, one.problem.groups)
+        assert stack.problem(r).k.tolist() == one.problem.k.tolist() == \
+            ([2, 2] if pattern == "2:4" else [2])
+    Qb, cb = quadratic_model(v, a, g, H, 0.5, 0.2)
+    for r in range(rows):
+        Q, c = quadratic_model(v[r], a[r], g[r], H[r], 0.5, 0.2)
+        np.testing.assert_allclose(Qb[r], Q, rtol=1e-12, atol=1e-15)
+        assert cb[r] == pytest.approx(c, rel=1e-12)
 
 
 def test_small_entries_are_dropped_by_magnitude_not_sign():
