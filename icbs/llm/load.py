@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -103,13 +104,27 @@ def convert_gguf(gguf: str | Path, cache_dir: str | Path | None = None) -> Path:
     config = AutoConfig.for_model(**config)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    partial = target.with_name(target.name + ".partial")
+    # One partial directory per process: runs started together each convert, and the first
+    # to finish publishes its directory.
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # what a killed conversion left
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     write_manifest(partial, source_sha256)
-    partial.rename(target)
+    publish_conversion(partial, target, source_sha256)
     return target
+
+
+def publish_conversion(partial: Path, target: Path, source_sha256: str) -> None:
+    """Rename a finished conversion to `target`; where another process published first,
+    drop this one and check theirs."""
+    try:
+        partial.rename(target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+        verify_manifest(target, source_sha256)
 
 
 def resolve_model_dir(path: str | Path, cache_dir: str | Path | None = None) -> Path:
