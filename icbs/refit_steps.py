@@ -357,13 +357,14 @@ class RefitResult:
 def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, *,
                  start: torch.Tensor, pattern: Pattern, block_size: int, solver, seed: int,
                  damp: float, seconds: float | None = None, steps: int | None = None,
-                 patience: int = 16, min_steps: int = 4,
-                 refit_unreached: bool = True) -> RefitResult:
+                 patience: int = 16, min_steps: int = 4, refit_unreached: bool = True,
+                 batch_elements: int = BATCH_ELEMENTS) -> RefitResult:
     """Refit-aware block steps on every row of a layer, the worst rows (by the error of
-    `start`, the current weights) first. Rows go in batches (as many as BATCH_ELEMENTS
-    allows) that step together; each batch gets its rows' share of what is left of the
-    budget but, while the budget lasts, at least `min_steps` steps (so a small time budget
-    reaches fewer rows rather than spending itself on their set-up), and no batch starts
+    `start`, the current weights) first. Rows go in batches (as many as fit in
+    `batch_elements` entries of stacked inverses) that step together; each batch gets its
+    rows' share of what is left of the budget but, while the budget lasts, at least
+    `min_steps` steps (so a small time budget reaches fewer rows rather than spending itself
+    on their set-up), and no batch starts
     when what is left is less than the last one took for its set-up and those steps; the
     budget is overrun by at most one step. A row leaves its batch after `patience` rejected
     steps in a row. `steps` counts block steps of single rows (a row pair's step counts
@@ -384,7 +385,7 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
         units += [[[order[rows // 2]]]] if rows % 2 else []
     else:
         kept = int(mask[0].sum())
-        size = max(1, BATCH_ELEMENTS // (kept + block_size) ** 2)
+        size = max(1, batch_elements // (kept + block_size) ** 2)
         units = [[order[i:i + size]] for i in range(0, rows, size)]
     slots = [r for unit in units for r in unit[0]]  # one per QUBO: a row or a row pair
     quota = None if steps is None else {

@@ -1,0 +1,122 @@
+"""Throughput of the refit steps: row steps per second of `improve_rows` by solver and batch
+size, side by side in one run (the configurations alternate, repetition by repetition), on
+synthetic layers of SmolLM2-135M's shapes at 50% per output, block 64.
+
+A batch holds as many rows as fit in `--batch-elements` entries of stacked inverses
+(`icbs.refit_steps.BATCH_ELEMENTS`, 2**22, is the default: about 34 rows of a 576-column
+layer); on a GPU larger batches should pay, which this measures:
+
+    python experiments/refit_throughput.py --device cpu --out experiments/results/llm
+    python experiments/refit_throughput.py --device cuda --batch-elements 4194304 67108864 \
+        268435456 --out experiments/results/llm/h200
+
+Writes refit_throughput_<device>.csv (one row per run) and prints the median row steps per
+second of each configuration with its ratio to the first one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from icbs.masks import mask_from_scores, parse_pattern
+from icbs.reconstruct import reconstruction_error
+from icbs.refit_steps import BATCH_ELEMENTS, improve_rows
+from icbs.report import write_csv
+from icbs.solver_choice import resolve_solver
+
+DAMP = 0.01
+
+
+def synthetic_layer(rows: int, cols: int, seed: int, device: str):
+    """(w0, H, start mask): correlated inputs, so that H is far from diagonal."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=gen) / cols ** 0.5
+    x = torch.randn(4 * cols, cols, generator=gen) @ mix
+    h = x.T @ x / len(x)
+    w0 = torch.randn(rows, cols, generator=gen)
+    mask = mask_from_scores(w0.abs() * torch.diagonal(h).sqrt(), 0.5, "per_output")
+    return w0.to(device), h.to(device), mask.to(device)
+
+
+def run_once(layer, solver, batch_elements: int, steps_per_row: int, device: str) -> dict:
+    w0, h, mask = layer
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    begin = time.perf_counter()
+    result = improve_rows(w0, h, mask, start=w0 * mask, pattern=parse_pattern("per_output"),
+                          block_size=64, solver=solver, seed=0, damp=DAMP,
+                          steps=len(w0) * steps_per_row, patience=steps_per_row + 1,
+                          batch_elements=batch_elements)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - begin
+    damped = h.double() + DAMP * torch.diagonal(h).mean().double() * torch.eye(
+        h.shape[0], dtype=torch.float64, device=h.device)
+    error = float(reconstruction_error(w0.double(), result.weight.double(), damped).sum())
+    return {"row_steps": result.steps, "accepted": result.accepted,
+            "seconds": round(seconds, 3), "row_steps_per_s": round(result.steps / seconds, 1),
+            "damped_error": error}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shapes", nargs="+", default=["576x576", "576x1536"],
+                        help="ROWSxCOLS of the layers (SmolLM2: q/o 576x576, gate/up "
+                             "1536x576, down 576x1536)")
+    parser.add_argument("--solvers", nargs="+", default=["greedy", "anneal"])
+    parser.add_argument("--batch-elements", nargs="+", type=int,
+                        default=[BATCH_ELEMENTS, 4 * BATCH_ELEMENTS])
+    parser.add_argument("--steps-per-row", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="experiments/results/llm")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    solvers = {name: resolve_solver(name) for name in args.solvers}
+    small = synthetic_layer(8, 128, 1, args.device)
+    for solver in solvers.values():  # JIT compilation and CUDA start-up outside the timings
+        run_once(small, solver, BATCH_ELEMENTS, 2, args.device)
+
+    records = []
+    for shape in args.shapes:
+        rows, cols = (int(v) for v in shape.split("x"))
+        layer = synthetic_layer(rows, cols, 0, args.device)
+        for repeat in range(args.repeats):
+            for name, solver in solvers.items():
+                for batch_elements in args.batch_elements:
+                    record = {"device": args.device, "shape": shape, "solver": name,
+                              "batch_elements": batch_elements,
+                              "batch_rows": max(1, batch_elements // (cols // 2 + 64) ** 2),
+                              "repeat": repeat}
+                    record.update(run_once(layer, solver, batch_elements, args.steps_per_row,
+                                           args.device))
+                    records.append(record)
+                    print(record, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / f"refit_throughput_{args.device.replace(':', '')}.csv", records)
+
+    print("\n| shape | solver | batch elements (rows) | row steps/s (median) | ratio | "
+          "damped error |")
+    print("|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        runs = [r for r in records if r["shape"] == shape]
+        configs = list(dict.fromkeys((r["solver"], r["batch_elements"]) for r in runs))
+        rate = {c: statistics.median(r["row_steps_per_s"] for r in runs
+                                     if (r["solver"], r["batch_elements"]) == c)
+                for c in configs}
+        for c in configs:
+            first = next(r for r in runs if (r["solver"], r["batch_elements"]) == c)
+            print(f"| {shape} | {c[0]} | {c[1]} ({first['batch_rows']}) | {rate[c]:.0f} | "
+                  f"{rate[c] / rate[configs[0]]:.2f} | {first['damped_error']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
