@@ -1,6 +1,8 @@
 """Throughput of the refit steps: row steps per second of `improve_rows` by solver and batch
 size, side by side in one run (the configurations alternate, repetition by repetition), on
-synthetic layers of SmolLM2-135M's shapes at 50% per output, block 64.
+synthetic layers of SmolLM2-135M's shapes (per output, 50% by default), block 64. With
+`--seconds S` each run gets a time budget instead of a step count, and the damped error
+reached says which configuration uses the time best.
 
 A batch holds as many rows as fit in `--batch-elements` entries of stacked inverses
 (`icbs.refit_steps.BATCH_ELEMENTS`, 2**22, is the default: about 34 rows of a 576-column
@@ -17,6 +19,7 @@ second of each configuration with its ratio to the first one.
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import time
 from pathlib import Path
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 
 from icbs.masks import mask_from_scores, parse_pattern
-from icbs.reconstruct import reconstruction_error
+from icbs.reconstruct import least_squares_update, reconstruction_error
 from icbs.refit_steps import BATCH_ELEMENTS, improve_rows
 from icbs.report import write_csv
 from icbs.solver_choice import resolve_solver
@@ -32,34 +35,40 @@ from icbs.solver_choice import resolve_solver
 DAMP = 0.01
 
 
-def synthetic_layer(rows: int, cols: int, seed: int, device: str):
+def synthetic_layer(rows: int, cols: int, pattern: str, sparsity: float, seed: int,
+                    device: str):
     """(w0, H, start mask): correlated inputs, so that H is far from diagonal."""
     gen = torch.Generator().manual_seed(seed)
     mix = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=gen) / cols ** 0.5
     x = torch.randn(4 * cols, cols, generator=gen) @ mix
     h = x.T @ x / len(x)
     w0 = torch.randn(rows, cols, generator=gen)
-    mask = mask_from_scores(w0.abs() * torch.diagonal(h).sqrt(), 0.5, "per_output")
+    mask = mask_from_scores(w0.abs() * torch.diagonal(h).sqrt(), sparsity, pattern)
     return w0.to(device), h.to(device), mask.to(device)
 
 
-def run_once(layer, solver, batch_elements: int, steps_per_row: int, device: str) -> dict:
+def run_once(layer, pattern: str, solver, batch_elements: int, steps_per_row: int,
+             seconds: float | None, device: str) -> dict:
     w0, h, mask = layer
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     begin = time.perf_counter()
-    result = improve_rows(w0, h, mask, start=w0 * mask, pattern=parse_pattern("per_output"),
+    budget = dict(seconds=seconds) if seconds else dict(
+        steps=len(w0) * steps_per_row, patience=steps_per_row + 1)
+    result = improve_rows(w0, h, mask, start=w0 * mask, pattern=parse_pattern(pattern),
                           block_size=64, solver=solver, seed=0, damp=DAMP,
-                          steps=len(w0) * steps_per_row, patience=steps_per_row + 1,
-                          batch_elements=batch_elements)
+                          batch_elements=batch_elements, **budget)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - begin
+    wall = time.perf_counter() - begin
     damped = h.double() + DAMP * torch.diagonal(h).mean().double() * torch.eye(
         h.shape[0], dtype=torch.float64, device=h.device)
     error = float(reconstruction_error(w0.double(), result.weight.double(), damped).sum())
+    refit = least_squares_update(w0, h, mask, damp=DAMP, start=w0 * mask)
+    start = float(reconstruction_error(w0.double(), refit.double(), damped).sum())
     return {"row_steps": result.steps, "accepted": result.accepted,
-            "seconds": round(seconds, 3), "row_steps_per_s": round(result.steps / seconds, 1),
+            "rows_visited": result.rows_visited, "damped_error_start_refit": start,
+            "seconds": round(wall, 3), "row_steps_per_s": round(result.steps / wall, 1),
             "damped_error": error}
 
 
@@ -73,38 +82,48 @@ def main() -> None:
     parser.add_argument("--solvers", nargs="+", default=["greedy", "anneal"])
     parser.add_argument("--batch-elements", nargs="+", type=int,
                         default=[BATCH_ELEMENTS, 4 * BATCH_ELEMENTS])
+    parser.add_argument("--pattern", default="per_output")
+    parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--steps-per-row", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="a time budget per run instead of --steps-per-row")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="experiments/results/llm")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     solvers = {name: resolve_solver(name) for name in args.solvers}
-    small = synthetic_layer(8, 128, 1, args.device)
+    small = synthetic_layer(8, 128, args.pattern, args.sparsity, 1, args.device)
     for solver in solvers.values():  # JIT compilation and CUDA start-up outside the timings
-        run_once(small, solver, BATCH_ELEMENTS, 2, args.device)
+        run_once(small, args.pattern, solver, BATCH_ELEMENTS, 2, None, args.device)
 
     records = []
     for shape in args.shapes:
         rows, cols = (int(v) for v in shape.split("x"))
-        layer = synthetic_layer(rows, cols, 0, args.device)
+        layer = synthetic_layer(rows, cols, args.pattern, args.sparsity, 0, args.device)
         for repeat in range(args.repeats):
             for name, solver in solvers.items():
                 for batch_elements in args.batch_elements:
-                    record = {"device": args.device, "shape": shape, "solver": name,
+                    record = {"device": args.device, "shape": shape, "pattern": args.pattern,
+                              "sparsity": args.sparsity, "seconds_budget": args.seconds,
+                              "solver": name,
                               "batch_elements": batch_elements,
                               "batch_rows": max(1, batch_elements // (cols // 2 + 64) ** 2),
                               "repeat": repeat}
-                    record.update(run_once(layer, solver, batch_elements, args.steps_per_row,
-                                           args.device))
+                    record.update(run_once(layer, args.pattern, solver, batch_elements,
+                                           args.steps_per_row, args.seconds, args.device))
                     records.append(record)
                     print(record, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / f"refit_throughput_{args.device.replace(':', '')}.csv", records)
+    path = out / f"refit_throughput_{args.device.replace(':', '')}.csv"
+    earlier = list(csv.DictReader(path.open())) if path.exists() else []
+    if earlier and list(earlier[0]) != list(records[0]):
+        earlier = []  # another layout of the file: replaced
+    write_csv(path, earlier + records)  # one file per device; runs of other settings add up
 
     print("\n| shape | solver | batch elements (rows) | row steps/s (median) | ratio | "
-          "damped error |")
+          "damped error: start's refit -> after the steps (median) |")
     print("|---|---|---|---|---|---|")
     for shape in args.shapes:
         runs = [r for r in records if r["shape"] == shape]
@@ -113,9 +132,11 @@ def main() -> None:
                                      if (r["solver"], r["batch_elements"]) == c)
                 for c in configs}
         for c in configs:
-            first = next(r for r in runs if (r["solver"], r["batch_elements"]) == c)
-            print(f"| {shape} | {c[0]} | {c[1]} ({first['batch_rows']}) | {rate[c]:.0f} | "
-                  f"{rate[c] / rate[configs[0]]:.2f} | {first['damped_error']:.1f} |")
+            mine = [r for r in runs if (r["solver"], r["batch_elements"]) == c]
+            error = statistics.median(r["damped_error"] for r in mine)
+            print(f"| {shape} | {c[0]} | {c[1]} ({mine[0]['batch_rows']}) | {rate[c]:.0f} | "
+                  f"{rate[c] / rate[configs[0]]:.2f} | "
+                  f"{mine[0]['damped_error_start_refit']:.1f} -> {error:.1f} |")
 
 
 if __name__ == "__main__":
