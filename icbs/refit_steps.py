@@ -248,10 +248,12 @@ class FreeBlocks:
 
 
 def choose_blocks(rows: RowsRefit, groups: torch.Tensor, block_size: int,
-                  gen: torch.Generator, pool_factor: int = 2) -> torch.Tensor:
+                  gen: torch.Generator, explore: torch.Tensor | None = None,
+                  pool_factor: int = 2) -> torch.Tensor:
     """(R, B) columns per row for a block: the kept weights cheapest to prune and the pruned
-    ones whose return would lower the error most (gradient^2 / H_jj), drawn at random from
-    the best `pool_factor` times as many as are needed. `groups` holds the pattern's group of
+    ones whose return would lower the error most (gradient^2 / H_jj): the best ones, or, in
+    the rows where `explore` (R,) is set (all rows when it is None), drawn at random from the
+    best `pool_factor` times as many as are needed. `groups` holds the pattern's group of
     every column, the same in every row; for N:M the block is whole groups."""
     keep = rows.keep
     gain = torch.where(keep, -torch.inf, rows.gradient() ** 2 / torch.diagonal(rows.h))
@@ -265,22 +267,28 @@ def choose_blocks(rows: RowsRefit, groups: torch.Tensor, block_size: int,
         best_cost.scatter_reduce_(1, index, cost, "amin")
         size = gain.shape[1] // group_count
         wanted = max(1, min(group_count, block_size // size))
-        chosen = _draw(best_gain / best_cost, wanted, group_count, pool_factor, gen)
+        chosen = _draw(best_gain / best_cost, wanted, group_count, pool_factor, gen, explore)
         offsets = torch.arange(size, device=chosen.device)
         return (chosen[:, :, None] * size + offsets).flatten(1)
     pruned_count = int((~keep).sum(1).min())
-    pruned = _draw(gain, block_size // 2, pruned_count, pool_factor, gen)
-    kept = _draw(-cost, block_size - pruned.shape[1], rows.kept.shape[1], pool_factor, gen)
+    pruned = _draw(gain, block_size // 2, pruned_count, pool_factor, gen, explore)
+    kept = _draw(-cost, block_size - pruned.shape[1], rows.kept.shape[1], pool_factor, gen,
+                 explore)
     return torch.cat([pruned, kept], 1)
 
 
 def _draw(score: torch.Tensor, count: int, available: int, pool_factor: int,
-          gen: torch.Generator) -> torch.Tensor:
+          gen: torch.Generator, explore: torch.Tensor | None = None) -> torch.Tensor:
     """`count` (at most `available`, the entries of each row that score above -inf) column
-    indices per row, at random from its best pool_factor x count."""
+    indices per row, at random from its best pool_factor x count; in the rows where
+    `explore` is False, its best `count`."""
     count = min(count, available)
     pool = torch.topk(score, min(pool_factor * count, available), dim=1).indices
-    pick = torch.rand(pool.shape, generator=gen, dtype=torch.float64).argsort(1)[:, :count]
+    order = torch.rand(pool.shape, generator=gen, dtype=torch.float64)
+    if explore is not None:  # topk lists the best first: rank by position
+        best = torch.arange(pool.shape[1], dtype=order.dtype).expand_as(order)
+        order = torch.where(explore.cpu()[:, None], order, best)
+    pick = order.argsort(1)[:, :count]
     return pool.gather(1, pick.sort(1).values.to(pool.device))
 
 
@@ -357,16 +365,16 @@ class RefitResult:
 def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, *,
                  start: torch.Tensor, pattern: Pattern, block_size: int, solver, seed: int,
                  damp: float, seconds: float | None = None, steps: int | None = None,
-                 patience: int = 16, min_steps: int = 4, refit_unreached: bool = True,
+                 patience: int = 16, min_steps: int = 1, refit_unreached: bool = True,
                  batch_elements: int = BATCH_ELEMENTS) -> RefitResult:
     """Refit-aware block steps on every row of a layer, the worst rows (by the error of
     `start`, the current weights) first. Rows go in batches (as many as fit in
     `batch_elements` entries of stacked inverses) that step together; each batch gets its
     rows' share of what is left of the budget but, while the budget lasts, at least
-    `min_steps` steps (so a small time budget reaches fewer rows rather than spending itself
-    on their set-up), and no batch starts
-    when what is left is less than the last one took for its set-up and those steps; the
-    budget is overrun by at most one step. A row leaves its batch after `patience` rejected
+    `min_steps` steps (so that no set-up is spent without a step; a row's first steps gain
+    the most, so a small budget is best spread thin), and no batch starts when what is left
+    is less than the last one took for its set-up and those steps; the budget is overrun by
+    at most one step. A row leaves its batch after `patience` rejected
     steps in a row. `steps` counts block steps of single rows (a row pair's step counts
     once), shared out equally. For `unstructured` the rows go in pairs, the worst with the
     best, sharing one count, so that sparsity moves to where it costs least. The error is
@@ -424,7 +432,9 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
         done = 0
         while len(ids[0]) and (unit_end is None or time.perf_counter() < unit_end or (
                 done < min_steps and time.perf_counter() < begin + seconds)):
-            blocks = [choose_blocks(b, groups, width, gen) for b in batches]
+            # the best candidates, and a random draw from twice as many after a rejection
+            blocks = [choose_blocks(b, groups, width, gen, explore=rejected > 0)
+                      for b in batches]
             ok, _ = refit_step(batches, blocks, groups, solver, gen)
             ok = ok.cpu()
             taken += len(ok)

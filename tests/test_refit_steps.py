@@ -117,6 +117,38 @@ def test_a_batch_steps_its_rows_as_single_row_batches_do():
         torch.testing.assert_close(one.error[0], batch.error[r], rtol=1e-12, atol=0)
 
 
+
+def test_blocks_take_the_best_candidates_and_explore_the_pool_after_a_rejection():
+    cols, block = 24, 8
+    h = _hessian(cols, 60, seed=12)
+    gen = torch.Generator().manual_seed(13)
+    w0 = torch.randn(2, cols, generator=gen, dtype=torch.float64)
+    keep = torch.rand(2, cols, generator=gen).argsort(1) < 12
+    rows = RowsRefit(h, w0, keep)
+    explore = torch.tensor([False, True])
+    chosen = choose_blocks(rows, group_ids((1, cols), parse_pattern("per_output"))[0], block,
+                           torch.Generator().manual_seed(0), explore=explore)
+    for r in range(2):
+        # the candidates' scores by brute force: a pruned weight's return, g_j^2 / H_jj with
+        # g = H (w - w0) at the row's refit, and a kept weight's OBS cost from an explicit
+        # inverse of H on the kept set
+        kept = keep[r].nonzero()[:, 0]
+        pruned = (~keep[r]).nonzero()[:, 0]
+        _, w = _refit_error(h, w0[r], keep[r])
+        gain = ((w - w0[r]) @ h)[pruned] ** 2 / torch.diagonal(h)[pruned]
+        cost = w[kept] ** 2 / torch.diagonal(torch.linalg.inv(h[kept][:, kept]))
+        ranked_pruned = pruned[gain.argsort(descending=True)].tolist()
+        ranked_kept = kept[cost.argsort()].tolist()
+        half = block // 2
+        got_pruned = set(chosen[r, :half].tolist())
+        got_kept = set(chosen[r, half:].tolist())
+        if explore[r]:  # at random from the best twice as many
+            assert got_pruned <= set(ranked_pruned[:2 * half])
+            assert got_kept <= set(ranked_kept[:2 * half])
+        else:
+            assert got_pruned == set(ranked_pruned[:half])
+            assert got_kept == set(ranked_kept[:half])
+
 @pytest.mark.parametrize("pattern", ["per_output", "2:4"])
 def test_every_accepted_step_lowers_the_true_post_refit_error(pattern):
     cols = 32
