@@ -2,7 +2,8 @@
 size, side by side in one run (the configurations alternate, repetition by repetition), on
 synthetic layers of SmolLM2-135M's shapes (per output, 50% by default), block 64. With
 `--seconds S` each run gets a time budget instead of a step count, and the damped error
-reached says which configuration uses the time best.
+reached says which configuration uses the time best. `--block-choices best_first random`
+and `--min-steps 1 4` compare how blocks are chosen and how thin a budget is spread.
 
 A batch holds as many rows as fit in `--batch-elements` entries of stacked inverses
 (`icbs.refit_steps.BATCH_ELEMENTS`, 2**22, is the default: about 34 rows of a 576-column
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -48,7 +50,8 @@ def synthetic_layer(rows: int, cols: int, pattern: str, sparsity: float, seed: i
 
 
 def run_once(layer, pattern: str, solver, batch_elements: int, steps_per_row: int,
-             seconds: float | None, device: str) -> dict:
+             seconds: float | None, device: str, block_choice: str = "best_first",
+             min_steps: int = 1) -> dict:
     w0, h, mask = layer
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -57,7 +60,8 @@ def run_once(layer, pattern: str, solver, batch_elements: int, steps_per_row: in
         steps=len(w0) * steps_per_row, patience=steps_per_row + 1)
     result = improve_rows(w0, h, mask, start=w0 * mask, pattern=parse_pattern(pattern),
                           block_size=64, solver=solver, seed=0, damp=DAMP,
-                          batch_elements=batch_elements, **budget)
+                          batch_elements=batch_elements, block_choice=block_choice,
+                          min_steps=min_steps, **budget)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - begin
@@ -88,6 +92,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None,
                         help="a time budget per run instead of --steps-per-row")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--block-choices", nargs="+", default=["best_first"],
+                        choices=["best_first", "random"])
+    parser.add_argument("--min-steps", nargs="+", type=int, default=[1])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="experiments/results/llm")
     args = parser.parse_args()
@@ -97,23 +104,26 @@ def main() -> None:
     for solver in solvers.values():  # JIT compilation and CUDA start-up outside the timings
         run_once(small, args.pattern, solver, BATCH_ELEMENTS, 2, None, args.device)
 
+    configs = list(itertools.product(args.solvers, args.batch_elements, args.block_choices,
+                                     args.min_steps))
     records = []
     for shape in args.shapes:
         rows, cols = (int(v) for v in shape.split("x"))
         layer = synthetic_layer(rows, cols, args.pattern, args.sparsity, 0, args.device)
         for repeat in range(args.repeats):
-            for name, solver in solvers.items():
-                for batch_elements in args.batch_elements:
-                    record = {"device": args.device, "shape": shape, "pattern": args.pattern,
-                              "sparsity": args.sparsity, "seconds_budget": args.seconds,
-                              "solver": name,
-                              "batch_elements": batch_elements,
-                              "batch_rows": max(1, batch_elements // (cols // 2 + 64) ** 2),
-                              "repeat": repeat}
-                    record.update(run_once(layer, args.pattern, solver, batch_elements,
-                                           args.steps_per_row, args.seconds, args.device))
-                    records.append(record)
-                    print(record, flush=True)
+            for name, batch_elements, block_choice, min_steps in configs:
+                record = {"device": args.device, "shape": shape, "pattern": args.pattern,
+                          "sparsity": args.sparsity, "seconds_budget": args.seconds,
+                          "steps_per_row": None if args.seconds else args.steps_per_row,
+                          "solver": name, "batch_elements": batch_elements,
+                          "batch_rows": max(1, batch_elements // (cols // 2 + 64) ** 2),
+                          "block_choice": block_choice, "min_steps": min_steps,
+                          "repeat": repeat}
+                record.update(run_once(layer, args.pattern, solvers[name], batch_elements,
+                                       args.steps_per_row, args.seconds, args.device,
+                                       block_choice, min_steps))
+                records.append(record)
+                print(record, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"refit_throughput_{args.device.replace(':', '')}.csv"
@@ -122,22 +132,19 @@ def main() -> None:
         earlier = []  # another layout of the file: replaced
     write_csv(path, earlier + records)  # one file per device; runs of other settings add up
 
-    print("\n| shape | solver | batch elements (rows) | row steps/s (median) | ratio | "
-          "damped error: start's refit -> after the steps (median) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| shape | solver | batch elements (rows) | block choice | min steps | "
+          "row steps/s (median) | ratio | damped error: start's refit -> after (median) |")
+    print("|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
-        runs = [r for r in records if r["shape"] == shape]
-        configs = list(dict.fromkeys((r["solver"], r["batch_elements"]) for r in runs))
-        rate = {c: statistics.median(r["row_steps_per_s"] for r in runs
-                                     if (r["solver"], r["batch_elements"]) == c)
-                for c in configs}
+        runs = {c: [r for r in records if r["shape"] == shape and (
+            r["solver"], r["batch_elements"], r["block_choice"], r["min_steps"]) == c]
+            for c in configs}
+        rate = {c: statistics.median(r["row_steps_per_s"] for r in runs[c]) for c in configs}
         for c in configs:
-            mine = [r for r in runs if (r["solver"], r["batch_elements"]) == c]
-            error = statistics.median(r["damped_error"] for r in mine)
-            print(f"| {shape} | {c[0]} | {c[1]} ({mine[0]['batch_rows']}) | {rate[c]:.0f} | "
-                  f"{rate[c] / rate[configs[0]]:.2f} | "
-                  f"{mine[0]['damped_error_start_refit']:.1f} -> {error:.1f} |")
-
+            error = statistics.median(r["damped_error"] for r in runs[c])
+            print(f"| {shape} | {c[0]} | {c[1]} ({runs[c][0]['batch_rows']}) | {c[2]} | {c[3]} | "
+                  f"{rate[c]:.0f} | {rate[c] / rate[configs[0]]:.2f} | "
+                  f"{runs[c][0]['damped_error_start_refit']:.1f} -> {error:.1f} |")
 
 if __name__ == "__main__":
     main()

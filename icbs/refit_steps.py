@@ -366,7 +366,8 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
                  start: torch.Tensor, pattern: Pattern, block_size: int, solver, seed: int,
                  damp: float, seconds: float | None = None, steps: int | None = None,
                  patience: int = 16, min_steps: int = 1, refit_unreached: bool = True,
-                 batch_elements: int = BATCH_ELEMENTS) -> RefitResult:
+                 batch_elements: int = BATCH_ELEMENTS,
+                 block_choice: str = "best_first") -> RefitResult:
     """Refit-aware block steps on every row of a layer, the worst rows (by the error of
     `start`, the current weights) first. Rows go in batches (as many as fit in
     `batch_elements` entries of stacked inverses) that step together; each batch gets its
@@ -380,7 +381,11 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
     best, sharing one count, so that sparsity moves to where it costs least. The error is
     (w - w0)^T (H + damp * mean(diag H) I) (w - w0). Rows the budget does not reach are
     refit on their mask all the same (or, without `refit_unreached`, keep `start`) after
-    the budget: `seconds` leaves that refit out."""
+    the budget: `seconds` leaves that refit out. `block_choice` "best_first" takes a row's
+    best candidates and draws at random only after a rejected step; "random" always draws
+    (the choice before session 11, kept for comparison)."""
+    if block_choice not in ("best_first", "random"):
+        raise ValueError(f"block_choice must be 'best_first' or 'random', got {block_choice!r}")
     rows, cols = weight0.shape
     h = hessian.double()
     h = h + damp * torch.diagonal(h).mean().clamp_min(1e-12) * torch.eye(
@@ -432,9 +437,8 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
         done = 0
         while len(ids[0]) and (unit_end is None or time.perf_counter() < unit_end or (
                 done < min_steps and time.perf_counter() < begin + seconds)):
-            # the best candidates, and a random draw from twice as many after a rejection
-            blocks = [choose_blocks(b, groups, width, gen, explore=rejected > 0)
-                      for b in batches]
+            explore = rejected > 0 if block_choice == "best_first" else None
+            blocks = [choose_blocks(b, groups, width, gen, explore=explore) for b in batches]
             ok, _ = refit_step(batches, blocks, groups, solver, gen)
             ok = ok.cpu()
             taken += len(ok)
