@@ -249,6 +249,10 @@ def test_refit_objective_refuses_no_ridge_and_non_finite_statistics():
     with pytest.raises(ValueError, match="unknown objective"):
         improve_layer(w0, torch.eye(8), mask, pattern="per_output", sparsity=0.5, steps=2,
                       objective="obs")
+    with pytest.raises(ValueError, match="block_choice must be 'best_first' or 'random'"):
+        improve_rows(w0, torch.eye(8), mask, start=w0 * mask, pattern=parse_pattern("2:4"),
+                     block_size=4, solver=get_solver("greedy"), seed=0, damp=0.1, steps=2,
+                     block_choice="best")
 
 
 def test_unstructured_rows_trade_sparsity_and_keep_the_layer_count():
