@@ -6,8 +6,8 @@ reached says which configuration uses the time best. `--block-choices best_first
 and `--min-steps 1 4` compare how blocks are chosen and how thin a budget is spread.
 
 A batch holds as many rows as fit in `--batch-elements` entries of stacked inverses
-(`icbs.refit_steps.BATCH_ELEMENTS`, 2**22, is the default: about 34 rows of a 576-column
-layer); on a GPU larger batches should pay, which this measures:
+(`icbs.refit_steps.BATCH_ELEMENTS`, 2**22, is the default: 33 rows of a 576-column layer
+at 50%); on a GPU larger batches should pay, which this measures:
 
     python experiments/refit_throughput.py --device cpu --out experiments/results/llm
     python experiments/refit_throughput.py --device cuda --batch-elements 4194304 67108864 \
@@ -30,7 +30,7 @@ import torch
 
 from icbs.masks import mask_from_scores, parse_pattern
 from icbs.reconstruct import least_squares_update, reconstruction_error
-from icbs.refit_steps import BATCH_ELEMENTS, improve_rows
+from icbs.refit_steps import BATCH_ELEMENTS, improve_rows, rows_per_batch
 from icbs.report import write_csv
 from icbs.solver_choice import resolve_solver
 
@@ -39,20 +39,25 @@ DAMP = 0.01
 
 def synthetic_layer(rows: int, cols: int, pattern: str, sparsity: float, seed: int,
                     device: str):
-    """(w0, H, start mask): correlated inputs, so that H is far from diagonal."""
+    """(w0, H, start mask, damped H, the damped error of the start's refit): correlated
+    inputs, so that H is far from diagonal."""
     gen = torch.Generator().manual_seed(seed)
     mix = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=gen) / cols ** 0.5
     x = torch.randn(4 * cols, cols, generator=gen) @ mix
     h = x.T @ x / len(x)
     w0 = torch.randn(rows, cols, generator=gen)
     mask = mask_from_scores(w0.abs() * torch.diagonal(h).sqrt(), sparsity, pattern)
-    return w0.to(device), h.to(device), mask.to(device)
+    damped = h.double() + DAMP * torch.diagonal(h).mean().double() * torch.eye(
+        cols, dtype=torch.float64)
+    refit = least_squares_update(w0, h, mask, damp=DAMP, start=w0 * mask)
+    start_error = float(reconstruction_error(w0.double(), refit.double(), damped).sum())
+    return (w0.to(device), h.to(device), mask.to(device), damped.to(device), start_error)
 
 
 def run_once(layer, pattern: str, solver, batch_elements: int, steps_per_row: int,
              seconds: float | None, device: str, block_choice: str = "best_first",
              min_steps: int = 1) -> dict:
-    w0, h, mask = layer
+    w0, h, mask, damped, start_error = layer
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     begin = time.perf_counter()
@@ -65,13 +70,9 @@ def run_once(layer, pattern: str, solver, batch_elements: int, steps_per_row: in
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - begin
-    damped = h.double() + DAMP * torch.diagonal(h).mean().double() * torch.eye(
-        h.shape[0], dtype=torch.float64, device=h.device)
     error = float(reconstruction_error(w0.double(), result.weight.double(), damped).sum())
-    refit = least_squares_update(w0, h, mask, damp=DAMP, start=w0 * mask)
-    start = float(reconstruction_error(w0.double(), refit.double(), damped).sum())
     return {"row_steps": result.steps, "accepted": result.accepted,
-            "rows_visited": result.rows_visited, "damped_error_start_refit": start,
+            "rows_visited": result.rows_visited, "damped_error_start_refit": start_error,
             "seconds": round(wall, 3), "row_steps_per_s": round(result.steps / wall, 1),
             "damped_error": error}
 
@@ -116,7 +117,8 @@ def main() -> None:
                           "sparsity": args.sparsity, "seconds_budget": args.seconds,
                           "steps_per_row": None if args.seconds else args.steps_per_row,
                           "solver": name, "batch_elements": batch_elements,
-                          "batch_rows": max(1, batch_elements // (cols // 2 + 64) ** 2),
+                          "batch_rows": rows_per_batch(int(layer[2][0].sum()), 64,
+                                                       batch_elements),
                           "block_choice": block_choice, "min_steps": min_steps,
                           "repeat": repeat}
                 record.update(run_once(layer, args.pattern, solvers[name], batch_elements,
@@ -145,6 +147,7 @@ def main() -> None:
             print(f"| {shape} | {c[0]} | {c[1]} ({runs[c][0]['batch_rows']}) | {c[2]} | {c[3]} | "
                   f"{rate[c]:.0f} | {rate[c] / rate[configs[0]]:.2f} | "
                   f"{runs[c][0]['damped_error_start_refit']:.1f} -> {error:.1f} |")
+
 
 if __name__ == "__main__":
     main()

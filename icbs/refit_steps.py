@@ -362,6 +362,12 @@ class RefitResult:
     seconds: float  # the block steps with the rows' set-up: what the budget limits
 
 
+def rows_per_batch(kept: int, block_size: int, batch_elements: int = BATCH_ELEMENTS) -> int:
+    """Rows of a per-row-count batch: its stacked inverses (kept + block)^2 per row fill
+    `batch_elements` entries."""
+    return max(1, batch_elements // (kept + block_size) ** 2)
+
+
 def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, *,
                  start: torch.Tensor, pattern: Pattern, block_size: int, solver, seed: int,
                  damp: float, seconds: float | None = None, steps: int | None = None,
@@ -375,8 +381,8 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
     `min_steps` steps (so that no set-up is spent without a step; a row's first steps gain
     the most, so a small budget is best spread thin), and no batch starts when what is left
     is less than the last one took for its set-up and those steps; the budget is overrun by
-    at most one step. A row leaves its batch after `patience` rejected
-    steps in a row. `steps` counts block steps of single rows (a row pair's step counts
+    at most one step. A row leaves its batch after `patience` rejected steps in a row.
+    `steps` counts block steps of single rows (a row pair's step counts
     once), shared out equally. For `unstructured` the rows go in pairs, the worst with the
     best, sharing one count, so that sparsity moves to where it costs least. The error is
     (w - w0)^T (H + damp * mean(diag H) I) (w - w0). Rows the budget does not reach are
@@ -397,8 +403,7 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
         units = [[[order[i]], [order[rows - 1 - i]]] for i in range(rows // 2)]
         units += [[[order[rows // 2]]]] if rows % 2 else []
     else:
-        kept = int(mask[0].sum())
-        size = max(1, batch_elements // (kept + block_size) ** 2)
+        size = rows_per_batch(int(mask[0].sum()), block_size, batch_elements)
         units = [[order[i:i + size]] for i in range(0, rows, size)]
     slots = [r for unit in units for r in unit[0]]  # one per QUBO: a row or a row pair
     quota = None if steps is None else {
