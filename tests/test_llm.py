@@ -430,7 +430,6 @@ def test_the_gguf_cache_manifest_refuses_planted_edited_and_foreign_directories(
         verify_manifest(bare, "ab" * 32)
 
 
-
 def test_conversions_finished_together_publish_one_directory(tmp_path):
     """Two runs started at once on one GGUF file: the second finisher drops its copy."""
     from icbs.llm.load import publish_conversion, verify_manifest, write_manifest
@@ -446,6 +445,7 @@ def test_conversions_finished_together_publish_one_directory(tmp_path):
     assert (target / "model.safetensors").read_bytes() == b"first"
     verify_manifest(target, "ab" * 32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-abcd"]
+
 
 _KILLING_RUN = """
 import os, signal, sys

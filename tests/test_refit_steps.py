@@ -117,7 +117,6 @@ def test_a_batch_steps_its_rows_as_single_row_batches_do():
         torch.testing.assert_close(one.error[0], batch.error[r], rtol=1e-12, atol=0)
 
 
-
 def test_blocks_take_the_best_candidates_and_explore_the_pool_after_a_rejection():
     cols, block = 24, 8
     h = _hessian(cols, 60, seed=12)
@@ -148,6 +147,7 @@ def test_blocks_take_the_best_candidates_and_explore_the_pool_after_a_rejection(
         else:
             assert got_pruned == set(ranked_pruned[:half])
             assert got_kept == set(ranked_kept[:half])
+
 
 @pytest.mark.parametrize("pattern", ["per_output", "2:4"])
 def test_every_accepted_step_lowers_the_true_post_refit_error(pattern):
