@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from icbs import Budget, Settings
 from icbs.demo import run_icbs
 from icbs.digits import load_data, trained_model
 from icbs.report import write_csv
+from icbs.threads import set_threads
 
 
 def curve_stats(curve: list[tuple], settle: float) -> dict:
@@ -42,7 +41,7 @@ def main() -> None:
                         help="seconds after which the curve's minimum is reported")
     parser.add_argument("--out", default="experiments/results")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    set_threads(1)
     data = load_data()
     dense = trained_model(data=data)
     rows, curves = [], {}

@@ -27,6 +27,7 @@ from torch import nn
 
 from icbs import prune_layer_by_layer
 from icbs.report import write_csv
+from icbs.threads import set_threads
 
 CALIBRATION = ["astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
                "camera", "brick", "grass", "moon", "clock"]
@@ -106,7 +107,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="experiments/results/vision")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

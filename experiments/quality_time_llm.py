@@ -30,6 +30,7 @@ from icbs.llm.commands import text_perplexity
 from icbs.llm.load import choose_device, load_model, resolve_model_dir
 from icbs.llm.prune import INITS, LLMPruneSettings, prune_model
 from icbs.masks import parse_setting
+from icbs.threads import set_threads
 
 FIELDS = ["method", "init", "reconstruct", "pattern", "sparsity", "budget", "prune_seconds",
           "perplexity", "nsamples", "seqlen", "scored_tokens", "budget_used", "error_start",
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                              "`icbs eval --tasks`")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,7 @@ from icbs.budget import Budget  # noqa: E402
 from icbs.export import IndexWriter, export_run  # noqa: E402
 from icbs.pruner import Pruner  # noqa: E402
 from icbs.settings import Settings  # noqa: E402
+from icbs.threads import set_threads  # noqa: E402
 from solvers import CardinalityQUBO, get_solver  # noqa: E402
 from solvers.penalty import repair  # noqa: E402
 
@@ -703,7 +704,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> str:
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)

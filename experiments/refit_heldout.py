@@ -18,7 +18,6 @@ import argparse
 import csv
 from pathlib import Path
 
-import torch
 from refit_layers import capture
 
 from icbs.baselines import alps_prune
@@ -27,6 +26,7 @@ from icbs.masks import parse_pattern
 from icbs.reconstruct import least_squares_update, reconstruction_error
 from icbs.refit_steps import improve_rows
 from icbs.solver_choice import resolve_solver
+from icbs.threads import set_threads
 
 FIELDS = ["layer", "method", "ridge", "steps", "accepted", "error_calibration",
           "error_heldout", "heldout_vs_alps"]
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="experiments/results/llm")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     stats = {}
     for part, paths in (("calibration", args.calib), ("heldout", args.heldout)):
         model, tokenizer = load_model(args.model, "cpu")

@@ -33,6 +33,7 @@ from icbs.reconstruct import least_squares_update, reconstruction_error
 from icbs.refit_steps import BATCH_ELEMENTS, improve_rows, rows_per_batch
 from icbs.report import write_csv
 from icbs.solver_choice import resolve_solver
+from icbs.threads import set_threads
 
 DAMP = 0.01
 
@@ -99,7 +100,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="experiments/results/llm")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     solvers = {name: resolve_solver(name) for name in args.solvers}
     small = synthetic_layer(8, 128, args.pattern, args.sparsity, 1, args.device)
     for solver in solvers.values():  # JIT compilation and CUDA start-up outside the timings

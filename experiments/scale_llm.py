@@ -122,8 +122,9 @@ def batched_part(args, model: Path) -> list[dict]:
     from icbs.llm.data import calibration_windows, read_text, resolve_bos, tokenize
     from icbs.llm.load import load_model
     from icbs.llm.sequential import per_layer, prune_sequential
+    from icbs.threads import set_threads
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     dense, tokenizer = load_model(model, "cpu")
     bos = resolve_bos(tokenizer)
     windows = calibration_windows(tokenize(tokenizer, read_text(args.calib), bos),

@@ -26,6 +26,7 @@ from icbs.calibration import per_sample_signals
 from icbs.digits import load_data, trained_model
 from icbs.report import write_csv
 from icbs.step import solve_block
+from icbs.threads import set_threads
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -79,7 +80,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", default="experiments/results")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    set_threads(1)
     data = load_data()
     demo = demo_steps(data, 200)
     print("digits demo step (block 256):", demo)

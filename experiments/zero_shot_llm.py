@@ -16,11 +16,10 @@ import csv
 import time
 from pathlib import Path
 
-import torch
-
 from icbs.llm.commands import text_perplexity
 from icbs.llm.load import load_model
 from icbs.llm.tasks import evaluate_tasks, task_manager
+from icbs.threads import set_threads
 
 FIELDS = ["model", "task", "metric", "value", "stderr", "items", "seconds"]
 
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="experiments/results/llm/zero_shot.csv")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     models = dict(item.split("=", 1) for item in args.models)
     manager = task_manager(args.tasks, args.include_path)
     out = Path(args.out)

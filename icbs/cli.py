@@ -24,17 +24,17 @@ def add_demo_command(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="icbs-demo", help="output folder (default icbs-demo)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: block steps are small, more threads "
-                        "only add overhead)")
+                   help="CPU threads of torch and of the solvers (default 1: block steps are "
+                        "small, more threads only add overhead)")
     p.set_defaults(func=_demo)
 
 
 def _demo(args) -> None:
-    import torch
 
     from icbs.demo import format_table, run_demo
+    from icbs.threads import set_threads
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     results = run_demo(args.sparsity, args.budget, seed=args.seed, block_size=args.block_size,
                        pattern=args.pattern, out=args.out, solver=args.solver,
                        progress=sys.stderr.isatty())

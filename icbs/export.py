@@ -233,14 +233,14 @@ def add_export_command(subparsers: Any) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    import torch
 
     from icbs.checks import flag_at_least, output_directory
+    from icbs.threads import set_threads
 
     flag_at_least("--steps", args.steps, 1)
     flag_at_least("--threads", args.threads, 1)
     output_directory("--out", args.out)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     rows = export_digits(args.out, block_sizes=args.block_size, steps=args.steps,
                          sparsity=args.sparsity, pattern=args.pattern,
                          objective=args.objective, solver=args.solver, seed=args.seed,

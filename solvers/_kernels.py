@@ -17,19 +17,52 @@ O(1) from the cached fields; accepting updates f += Q[j] - Q[i] (two contiguous 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 
 def layout(x: np.ndarray, groups: np.ndarray, k: np.ndarray, sizes: np.ndarray):
     """Return (perm, gstart, movable) for state x (see module docstring)."""
-    # Sort by group, ones first inside each group.
-    perm = np.lexsort((1 - x.astype(np.int64), groups)).astype(np.int64)
-    gstart = np.zeros(k.size, dtype=np.int64)
-    if k.size > 1:
-        gstart[1:] = np.cumsum(sizes)[:-1]
-    movable_group = (k > 0) & (k < sizes)
-    movable = np.flatnonzero(movable_group[groups]).astype(np.int64)
-    return perm, gstart, movable
+    gstart = group_starts(sizes)
+    return group_perm(x, groups, gstart, k), gstart, movable_of(groups, k, sizes)
+
+
+@njit(cache=True)
+def group_starts(gsize):
+    """First position of every group in `perm`."""
+    gstart = np.zeros(gsize.size, dtype=np.int64)
+    for g in range(1, gsize.size):
+        gstart[g] = gstart[g - 1] + gsize[g - 1]
+    return gstart
+
+
+@njit(cache=True)
+def group_perm(x, groups, gstart, gk):
+    """`perm` of state x: group by group, its ones first, each part in index order."""
+    perm = np.empty(x.size, dtype=np.int64)
+    ones = gstart.copy()
+    zeros = gstart + gk
+    for i in range(x.size):
+        g = groups[i]
+        if x[i]:
+            perm[ones[g]] = i
+            ones[g] += 1
+        else:
+            perm[zeros[g]] = i
+            zeros[g] += 1
+    return perm
+
+
+@njit(cache=True)
+def movable_of(groups, gk, gsize):
+    """The variables of groups that have a swap (0 < k_g < |g|), in index order."""
+    movable = np.empty(groups.size, dtype=np.int64)
+    count = 0
+    for i in range(groups.size):
+        g = groups[i]
+        if 0 < gk[g] < gsize[g]:
+            movable[count] = i
+            count += 1
+    return movable[:count]
 
 
 @njit(cache=True)
@@ -239,12 +272,12 @@ def polish_swaps(Q, x, f, perm, gstart, gk, gsize, rowmax, max_swaps):
     return total, swaps, passes
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def polish_many(Q, x, perm, gstart, gk, gsize, max_swaps):
     """`polish_swaps` on each of a stack of problems (Q: (P, n, n), the others one row per
-    problem) from x, which is updated in place; returns the energies x^T Q x."""
+    problem) from x, which is updated in place, in parallel; returns the energies x^T Q x."""
     energies = np.zeros(Q.shape[0])
-    for p in range(Q.shape[0]):
+    for p in prange(Q.shape[0]):
         f = fields(Q[p], x[p])
         polish_swaps(Q[p], x[p], f, perm[p], gstart[p], gk[p], gsize[p],
                      row_max_offdiag(Q[p]), max_swaps)
@@ -371,3 +404,82 @@ def polish_sweep(Q, diag, x, f, perm, gstart, gk, gsize, rowmax, max_swaps):
             perm[s0 : s0 + kg] = ones
             perm[s0 + kg : s0 + kg + nz] = zeros
     return total, swaps, passes
+
+
+@njit(cache=True)
+def swap_delta_scale(Q, x, groups, gk, gsize, seed, quantile):
+    """(median, `quantile` percentile) of the positive |dE| of random swaps from x, the scale
+    of the annealing schedule; NaN for both when no swap changes E."""
+    movable = movable_of(groups, gk, gsize)
+    if movable.size == 0:
+        return np.nan, np.nan
+    gstart = group_starts(gsize)
+    num = min(2000, max(200, 4 * movable.size))
+    d = sample_swap_deltas(Q, fields(Q, x), group_perm(x, groups, gstart, gk), gstart, gk,
+                           gsize, groups, movable, num, seed)
+    d = d[d > 0]
+    if d.size == 0:
+        return np.nan, np.nan
+    return np.median(d), np.percentile(d, quantile)
+
+
+@njit(cache=True, parallel=True)
+def swap_delta_scales(Q, x, groups, gk, gsize, seeds, quantile):
+    """`swap_delta_scale` of every problem of a stack, in parallel."""
+    median = np.empty(len(Q))
+    low = np.empty(len(Q))
+    for p in prange(len(Q)):
+        median[p], low[p] = swap_delta_scale(Q[p], x[p], groups[p], gk[p], gsize[p], seeds[p],
+                                             quantile)
+    return median, low
+
+
+@njit(cache=True)
+def anneal_restarts(Q, start, groups, gk, gsize, betas, sweeps_per_beta, min_proposals, seeds,
+                    polish, answers):
+    """One `anneal_swaps` run from `start` per seed, each ended by a `polish_sweep` when
+    `polish`; run r's answer (its best state) goes to answers[r]. Returns (accepted moves,
+    polish swaps)."""
+    diag = np.diag(Q).copy()
+    f0 = fields(Q, start)
+    gstart = group_starts(gsize)
+    movable = movable_of(groups, gk, gsize)
+    rowmax = row_max_offdiag(Q) if polish else diag
+    proposals = max(movable.size * sweeps_per_beta, min_proposals)
+    accepted = 0
+    swaps = 0
+    x = np.empty_like(start)
+    f = np.empty_like(f0)
+    for r in range(seeds.size):
+        x[:] = start
+        f[:] = f0
+        xb = answers[r]
+        accepted += anneal_swaps(Q, diag, x, f, group_perm(x, groups, gstart, gk), gstart, gk,
+                                 gsize, groups, movable, betas, proposals, seeds[r], xb)[2]
+        if polish:
+            swaps += polish_sweep(Q, diag, xb, fields(Q, xb), group_perm(xb, groups, gstart, gk),
+                                  gstart, gk, gsize, rowmax, np.iinfo(np.int64).max)[1]
+    return accepted, swaps
+
+
+@njit(cache=True, parallel=True)
+def anneal_many(Q, starts, groups, gk, gsize, betas, sweeps_per_beta, min_proposals, seeds,
+                polish):
+    """`anneal_restarts` on every problem of a stack (row p of each argument), in parallel;
+    returns each problem's lowest-energy answer (the first of equals)."""
+    answers = np.empty_like(starts)
+    for p in prange(len(Q)):
+        runs = np.empty((seeds.shape[1], starts.shape[1]), dtype=starts.dtype)
+        anneal_restarts(Q[p], starts[p], groups[p], gk[p], gsize[p], betas[p], sweeps_per_beta,
+                        min_proposals, seeds[p], polish, runs)
+        best = np.inf
+        for r in range(len(runs)):
+            f = fields(Q[p], runs[r])
+            e = 0.0
+            for i in range(f.size):
+                if runs[r, i]:
+                    e += f[i]
+            if e < best:
+                best = e
+                answers[p] = runs[r]
+    return answers

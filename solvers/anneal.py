@@ -25,15 +25,19 @@ def row_max(problem: CardinalityQUBO) -> np.ndarray:
 
 
 def default_betas(
-    problem: CardinalityQUBO,
+    Q: np.ndarray,
     x: np.ndarray,
+    groups: np.ndarray,
+    k: np.ndarray,
+    sizes: np.ndarray,
+    seeds: np.ndarray,
     num_betas: int,
-    seed: int,
     hot_accept: float = 0.1,
     cold_accept: float = 0.001,
     cold_quantile: float = 0.0,
 ) -> np.ndarray:
-    """Geometric inverse temperatures from the scale of Q at state x.
+    """Geometric inverse temperatures (P, num_betas) for a stack of P problems, each from
+    the scale of its Q at its state x (groups, k, sizes: one row per problem).
 
     Samples random swaps from x: the hot end accepts a median-size uphill swap with
     probability `hot_accept`; the cold end accepts the `cold_quantile` percentile of the
@@ -46,22 +50,18 @@ def default_betas(
     changed the mean energy at n = 256 by at most 7%, within the noise. A warmer cold end
     (cold_quantile 5) lowers it at n = 256 by ~15% but gives 17-55% higher energy and costs
     1.4-1.9x the time at n = 1024 and 4096, where good states sit ~100x below the typical |dE|
-    at the start; so the cold end stays at the smallest sampled |dE|.
+    at the start; so the cold end stays at the smallest sampled |dE|. Where no swap changes E
+    the schedule is all ones.
     """
-    perm, gstart, movable = K.layout(x, problem.groups, problem.k, problem.sizes)
-    if movable.size == 0 or num_betas < 1:
-        return np.ones(max(num_betas, 1))
-    f = K.fields(problem.Q, x)
-    num = int(min(2000, max(200, 4 * movable.size)))
-    d = K.sample_swap_deltas(problem.Q, f, perm, gstart, problem.k, problem.sizes,
-                             problem.groups, movable, num, seed)
-    d = d[d > 0]
-    if d.size == 0:
-        return np.ones(num_betas)
-    hot = math.log(1 / hot_accept) / float(np.median(d))
-    cold = math.log(1 / cold_accept) / float(np.percentile(d, cold_quantile))
-    cold = max(cold, hot)
-    return np.geomspace(hot, cold, num_betas)
+    median, low = K.swap_delta_scales(Q, x, groups, k, sizes, np.asarray(seeds, np.int64),
+                                      cold_quantile)
+    betas = np.ones((len(Q), max(num_betas, 1)))
+    ok = np.isfinite(median) & np.isfinite(low)
+    if num_betas >= 1 and ok.any():
+        hot = math.log(1 / hot_accept) / median[ok]
+        cold = np.maximum(math.log(1 / cold_accept) / low[ok], hot)
+        betas[ok] = np.geomspace(hot, cold, num_betas, axis=1)
+    return betas
 
 
 @register("anneal")
@@ -134,62 +134,65 @@ class SwapAnnealer(Solver):
         self.cold_accept = float(cold_accept)
         self.cold_quantile = float(cold_quantile)
 
+    def _schedules(self, Q: np.ndarray, x: np.ndarray, groups: np.ndarray, k: np.ndarray,
+                   sizes: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """(P, betas) inverse temperatures of P problems (one row of each argument each)."""
+        if self.betas is not None:
+            betas = self.betas
+        elif self.beta_range is not None:
+            betas = np.geomspace(self.beta_range[0], self.beta_range[1], self.num_betas)
+        else:
+            return default_betas(Q, x, groups, k, sizes, seeds,
+                                 self.num_betas, hot_accept=self.hot_accept,
+                                 cold_accept=self.cold_accept,
+                                 cold_quantile=self.cold_quantile)
+        return np.tile(betas, (len(Q), 1))
+
+    def _seeds(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+        """The schedule's seed first, then one per restart: restart r is the same run for any
+        `restarts` > r, so more restarts never give a worse answer for the same seed."""
+        return int(rng.integers(0, 2**31 - 1)), rng.integers(0, 2**31 - 1, size=self.restarts)
+
     def _solve(
         self, problem: CardinalityQUBO, x0: np.ndarray | None, rng: np.random.Generator
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        Q = problem.Q
-        # schedule seed first, then one per restart: restart r is the same run for any
-        # `restarts` > r, so more restarts never give a worse answer for the same seed
-        schedule_seed = int(rng.integers(0, 2**31 - 1))
-        seeds = rng.integers(0, 2**31 - 1, size=self.restarts)
+        schedule_seed, seeds = self._seeds(rng)
         if x0 is not None:
             start = x0
         elif self.start == "magnitude":
             start = problem.magnitude_start()
         else:
             start = problem.random_state(rng)
-        if self.betas is not None:
-            betas = self.betas
-        elif self.beta_range is not None:
-            betas = np.geomspace(self.beta_range[0], self.beta_range[1], self.num_betas)
-        else:
-            betas = default_betas(problem, start, self.num_betas, schedule_seed,
-                                  hot_accept=self.hot_accept, cold_accept=self.cold_accept,
-                                  cold_quantile=self.cold_quantile)
-        f0 = K.fields(Q, start)
-        diag = np.ascontiguousarray(np.diag(Q))
-        rowmax = row_max(problem) if self.polish else None
-        best_x, best_e = None, np.inf
-        energies, accepted, polish_swaps, proposals = [], 0, 0, 0
-        x = np.empty_like(start)
-        f = np.empty_like(f0)
-        xb = np.empty_like(start)
-        for r in range(self.restarts):
-            x[:] = start
-            f[:] = f0
-            perm, gstart, movable = K.layout(x, problem.groups, problem.k, problem.sizes)
-            steps = max(movable.size * self.sweeps_per_beta, self.min_proposals_per_beta)
-            _, _, acc = K.anneal_swaps(Q, diag, x, f, perm, gstart, problem.k, problem.sizes,
-                                       problem.groups, movable, betas, steps, int(seeds[r]), xb)
-            proposals += steps * betas.size
-            accepted += int(acc)
-            if self.polish:
-                fb = K.fields(Q, xb)  # exact fields of the best state (no drift)
-                perm, gstart, _ = K.layout(xb, problem.groups, problem.k, problem.sizes)
-                _, sw, _ = K.polish_sweep(Q, diag, xb, fb, perm, gstart, problem.k, problem.sizes,
-                                          rowmax, np.iinfo(np.int64).max)
-                polish_swaps += int(sw)
-            e = problem.energy(xb)
-            energies.append(e)
-            if e < best_e:
-                best_e, best_x = e, xb.copy()
+        betas = self._schedules(problem.Q[None], start[None], problem.groups[None],
+                                problem.k[None], problem.sizes[None], np.array([schedule_seed]))[0]
+        runs = np.empty((self.restarts, problem.n), dtype=np.int8)
+        accepted, polish_swaps = K.anneal_restarts(
+            problem.Q, start.astype(np.int8), problem.groups, problem.k, problem.sizes, betas,
+            self.sweeps_per_beta, self.min_proposals_per_beta, seeds, self.polish, runs)
+        energies = [problem.energy(x) for x in runs]
+        movable = K.movable_of(problem.groups, problem.k, problem.sizes).size
         info = {
             "sweeps": int(betas.size * self.sweeps_per_beta),
             "restarts": self.restarts,
-            "proposals": proposals,
-            "accepted": accepted,
-            "polish_swaps": polish_swaps,
+            "proposals": max(movable * self.sweeps_per_beta, self.min_proposals_per_beta)
+            * betas.size * self.restarts,
+            "accepted": int(accepted),
+            "polish_swaps": int(polish_swaps),
             "betas": (float(betas[0]), float(betas[-1])),
             "energies": energies,
         }
-        return best_x, info
+        return runs[int(np.argmin(energies))], info
+
+    def solve_stack(self, stack, x0, seeds=None):
+        """The stack in one parallel kernel call (numba's threads, `icbs.threads`): the same
+        answers as `solve` on each problem."""
+        x = stack.check_states(x0, what="warm start x0")
+        drawn = [self._seeds(np.random.default_rng(s)) for s in
+                 ([None] * len(stack) if seeds is None else seeds)]
+        betas = self._schedules(stack.Q, x, stack.groups, stack.k, stack.sizes,
+                                np.array([d[0] for d in drawn], dtype=np.int64))
+        answers = K.anneal_many(stack.Q, x, stack.groups, stack.k, stack.sizes, betas,
+                                self.sweeps_per_beta, self.min_proposals_per_beta,
+                                np.stack([d[1] for d in drawn]), self.polish)
+        answers = stack.check_states(answers, what="the anneal answer")
+        return answers, stack.energies(answers)

@@ -2,14 +2,27 @@
 
 
 import dimod
+import numba
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from icbs.threads import set_threads
 from solvers import CardinalityQUBO, QUBOStack, SolveResult, available, get_solver
 from solvers import _kernels as K
 from solvers.penalty import repair
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    """The stack kernels run their problems on numba's threads: one, then two."""
+    before = torch.get_num_threads(), numba.get_num_threads()
+    set_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before[0])
+    numba.set_num_threads(before[1])
 
 
 def random_problem(rng, n, max_groups=3, pruning=False):
@@ -168,8 +181,9 @@ def test_solve_many_answers_each_problem_as_solve_does(name):
         solver.solve_many(problems, starts[:2], [1, 2, 3])
 
 
-@pytest.mark.parametrize("name", ["greedy", "anneal"])
-def test_a_stack_of_problems_is_solved_as_each_problem_alone(name):
+@pytest.mark.parametrize("name,params", [("greedy", {}), ("anneal", {}),
+                                         ("anneal", {"restarts": 3, "cold_quantile": 5.0})])
+def test_a_stack_of_problems_is_solved_as_each_problem_alone(name, params, threads):
     rng = np.random.default_rng(6)
     for groups in (1, 4):
         gids = np.repeat(np.arange(groups), 24 // groups)
@@ -180,7 +194,7 @@ def test_a_stack_of_problems_is_solved_as_each_problem_alone(name):
             ks.append([int(rng.integers(1, 12 // groups)) for _ in range(groups)])  # < half
         stack = QUBOStack(np.stack(qs), ks, np.tile(gids, (5, 1)))
         starts = np.stack([stack.problem(i).magnitude_start() for i in range(5)])
-        solver = get_solver(name)
+        solver = get_solver(name, **params)
         x, energies = solver.solve_stack(stack, starts, list(range(5)))
         for i in range(5):
             one = solver.solve(stack.problem(i), x0=starts[i], seed=i)
@@ -190,6 +204,23 @@ def test_a_stack_of_problems_is_solved_as_each_problem_alone(name):
         solver.solve_stack(stack, 1 - starts)
     with pytest.raises(ValueError, match="k_g"):
         QUBOStack(np.stack(qs), np.full((5, groups), 7), np.tile(gids, (5, 1)))
+
+
+def test_layout_orders_each_group_ones_first_in_index_order():
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        n, groups = int(rng.integers(1, 40)), int(rng.integers(1, 5))
+        gids = rng.integers(0, groups, n)
+        gids = np.unique(gids, return_inverse=True)[1]
+        x = rng.integers(0, 2, n).astype(np.int8)
+        sizes = np.bincount(gids)
+        k = np.bincount(gids, weights=x, minlength=len(sizes)).astype(np.int64)
+        perm, gstart, movable = K.layout(x, gids, k, sizes)
+        expected = [i for g in range(len(sizes)) for one in (1, 0) for i in range(n)
+                    if gids[i] == g and x[i] == one]
+        assert perm.tolist() == expected
+        assert gstart.tolist() == [int(sizes[:g].sum()) for g in range(len(sizes))]
+        assert movable.tolist() == [i for i in range(n) if 0 < k[gids[i]] < sizes[gids[i]]]
 
 
 def test_more_restarts_never_worse():

@@ -29,7 +29,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1 (default: cuda when present)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice)")
+                        help="CPU threads of torch and of the solvers (default: their own choice)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="windows per forward pass (default 8 when pruning, 1 in eval)")
     parser.add_argument("--cache-dir", default=None,
@@ -154,6 +154,7 @@ def add_commands(subparsers) -> None:
 def _setup(args) -> None:
     """Check the flags every command shares (before anything is loaded or written)."""
     from ..checks import flag_at_least
+    from ..threads import set_threads
     from .load import choose_device
 
     flag_at_least("--threads", args.threads, 1)
@@ -162,7 +163,7 @@ def _setup(args) -> None:
     flag_at_least("--max-tokens", args.max_tokens, 2)
     choose_device(args.device)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
 
 
 def text_perplexity(model, tokenizer, paths, seqlen: int, max_tokens: int | None,
