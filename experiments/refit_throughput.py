@@ -3,7 +3,8 @@ size, side by side in one run (the configurations alternate, repetition by repet
 synthetic layers of SmolLM2-135M's shapes (per output, 50% by default), block 64. With
 `--seconds S` each run gets a time budget instead of a step count, and the damped error
 reached says which configuration uses the time best. `--block-choices best_first random`
-and `--min-steps 1 4` compare how blocks are chosen and how thin a budget is spread.
+and `--min-steps 1 4` compare how blocks are chosen and how thin a budget is spread;
+`--threads 1 2` the CPU threads of torch and of the solvers' stack kernels.
 
 A batch holds as many rows as fit in `--batch-elements` entries of stacked inverses
 (`icbs.refit_steps.BATCH_ELEMENTS`, 2**22, is the default: 33 rows of a 576-column layer
@@ -97,23 +98,24 @@ def main() -> None:
     parser.add_argument("--block-choices", nargs="+", default=["best_first"],
                         choices=["best_first", "random"])
     parser.add_argument("--min-steps", nargs="+", type=int, default=[1])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", nargs="+", type=int, default=[1],
+                        help="CPU threads of torch and of the solvers' stack kernels")
     parser.add_argument("--out", default="experiments/results/llm")
     args = parser.parse_args()
-    set_threads(args.threads)
     solvers = {name: resolve_solver(name) for name in args.solvers}
     small = synthetic_layer(8, 128, args.pattern, args.sparsity, 1, args.device)
     for solver in solvers.values():  # JIT compilation and CUDA start-up outside the timings
         run_once(small, args.pattern, solver, BATCH_ELEMENTS, 2, None, args.device)
 
     configs = list(itertools.product(args.solvers, args.batch_elements, args.block_choices,
-                                     args.min_steps))
+                                     args.min_steps, args.threads))
     records = []
     for shape in args.shapes:
         rows, cols = (int(v) for v in shape.split("x"))
         layer = synthetic_layer(rows, cols, args.pattern, args.sparsity, 0, args.device)
         for repeat in range(args.repeats):
-            for name, batch_elements, block_choice, min_steps in configs:
+            for name, batch_elements, block_choice, min_steps, threads in configs:
+                set_threads(threads)
                 record = {"device": args.device, "shape": shape, "pattern": args.pattern,
                           "sparsity": args.sparsity, "seconds_budget": args.seconds,
                           "steps_per_row": None if args.seconds else args.steps_per_row,
@@ -121,7 +123,7 @@ def main() -> None:
                           "batch_rows": rows_per_batch(int(layer[2][0].sum()), 64,
                                                        batch_elements),
                           "block_choice": block_choice, "min_steps": min_steps,
-                          "repeat": repeat}
+                          "threads": threads, "repeat": repeat}
                 record.update(run_once(layer, args.pattern, solvers[name], batch_elements,
                                        args.steps_per_row, args.seconds, args.device,
                                        block_choice, min_steps))
@@ -131,22 +133,23 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"refit_throughput_{args.device.replace(':', '')}.csv"
     earlier = list(csv.DictReader(path.open())) if path.exists() else []
-    if earlier and list(earlier[0]) != list(records[0]):
-        earlier = []  # another layout of the file: replaced
-    write_csv(path, earlier + records)  # one file per device; runs of other settings add up
+    # one file per device; runs of other settings add up (a column that older rows lack,
+    # such as `threads` before session 12, is left empty in them)
+    write_csv(path, [{key: row.get(key, "") for key in records[0]} for row in earlier] + records)
 
-    print("\n| shape | solver | batch elements (rows) | block choice | min steps | "
+    print("\n| shape | solver | batch elements (rows) | block choice | min steps | threads | "
           "row steps/s (median) | ratio | damped error: start's refit -> after (median) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         runs = {c: [r for r in records if r["shape"] == shape and (
-            r["solver"], r["batch_elements"], r["block_choice"], r["min_steps"]) == c]
+            r["solver"], r["batch_elements"], r["block_choice"], r["min_steps"],
+            r["threads"]) == c]
             for c in configs}
         rate = {c: statistics.median(r["row_steps_per_s"] for r in runs[c]) for c in configs}
         for c in configs:
             error = statistics.median(r["damped_error"] for r in runs[c])
             print(f"| {shape} | {c[0]} | {c[1]} ({runs[c][0]['batch_rows']}) | {c[2]} | {c[3]} | "
-                  f"{rate[c]:.0f} | {rate[c] / rate[configs[0]]:.2f} | "
+                  f"{c[4]} | {rate[c]:.0f} | {rate[c] / rate[configs[0]]:.2f} | "
                   f"{runs[c][0]['damped_error_start_refit']:.1f} -> {error:.1f} |")
 
 
