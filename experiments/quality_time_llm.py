@@ -30,12 +30,13 @@ from icbs.llm.commands import text_perplexity
 from icbs.llm.load import choose_device, load_model, resolve_model_dir
 from icbs.llm.prune import INITS, LLMPruneSettings, prune_model
 from icbs.masks import parse_setting
+from icbs.refit_steps import BATCH_ELEMENTS
 from icbs.threads import set_threads
 
 FIELDS = ["method", "init", "reconstruct", "pattern", "sparsity", "budget", "prune_seconds",
           "perplexity", "nsamples", "seqlen", "scored_tokens", "budget_used", "error_start",
           "error_final", "steps", "accepted", "late_acceptance", "rows_visited", "targets",
-          "error_dense", "order", "solver"]
+          "error_dense", "order", "solver", "refit_batch_elements"]
 METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "sparsegpt+rec", "alps", "icbs",
            "icbs+rec", "icbs+refit"]
 
@@ -71,7 +72,7 @@ def runs(args):
                 for budget in args.refit_budgets or args.budgets:
                     yield (method, pattern, sparsity, float(budget)), LLMPruneSettings(
                         method="icbs", budget=budget, init=args.refit_init, objective="refit",
-                        **common)
+                        refit_batch_elements=args.refit_batch_elements, **common)
 
 
 def convergence(records: list[dict]) -> dict:
@@ -92,6 +93,12 @@ def convergence(records: list[dict]) -> dict:
 def _solver(method: str, solver: str) -> str:
     """The solver column: the block steps' solver, empty for a method without them."""
     return solver if method.startswith("icbs") else ""
+
+
+def _batch(method: str, batch_elements) -> str:
+    """The refit_batch_elements column: the refit steps' batch size, empty for other methods
+    (rows written before the column existed ran with the default)."""
+    return str(batch_elements or BATCH_ELEMENTS) if method == "icbs+refit" else ""
 
 
 def _line(row: dict) -> tuple[str, str, str, str, str]:
@@ -165,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="budgets of iCBS with the refit objective (default: --budgets)")
     parser.add_argument("--refit-init", default=DEFAULT_INITS["icbs+refit"], choices=INITS,
                         help="start of icbs+refit")
+    parser.add_argument("--refit-batch-elements", type=int, default=BATCH_ELEMENTS,
+                        help="icbs+refit: stacked-inverse entries of a batch of rows (icbs "
+                             "prune --refit-batch-elements)")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=16384, help="evaluated tokens")
@@ -200,14 +210,16 @@ def main(argv: list[str] | None = None) -> None:
     order = "sequential" if args.true_sequential or args.dense_targets else "block"
     done = {(r["method"], r["init"], r["pattern"], float(r["sparsity"]), float(r["budget"]),
              r.get("targets") or "pruned", r.get("order") or "block",
-             r.get("solver") or _solver(r["method"], "anneal")) for r in rows}
+             r.get("solver") or _solver(r["method"], "anneal"),
+             _batch(r["method"], r.get("refit_batch_elements"))) for r in rows}
     device = choose_device(args.device)
     model_dir = resolve_model_dir(args.model)
     for key, settings in runs(args):
         method, pattern, sparsity, budget = key
         init = settings.init if method.startswith("icbs") else ""
         if (method, init, pattern, sparsity, budget, targets, order,
-                _solver(method, args.solver)) in done:
+                _solver(method, args.solver),
+                _batch(method, args.refit_batch_elements)) in done:
             continue
         model, tokenizer = load_model(model_dir, device)
         tic = time.perf_counter()
@@ -235,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
                    error_final=sum(r.get("error_after", 0.0) for r in report["layers"]),
                    **convergence(report["layers"]), targets=targets,
                    error_dense=sum(r.get("error_dense", 0.0) for r in report["layers"]),
-                   order=order, solver=_solver(method, args.solver))
+                   order=order, solver=_solver(method, args.solver),
+                   refit_batch_elements=_batch(method, args.refit_batch_elements))
         rows.append({k: str(v) for k, v in row.items()})
         print(",".join(str(row[f]) for f in FIELDS), flush=True)
         with csv_path.open("w", newline="") as handle:

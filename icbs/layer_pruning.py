@@ -23,6 +23,7 @@ from .layer_stats import InputCovariance, dense_output_error, dense_target
 from .layerwise import OBJECTIVES
 from .masks import check_layer, mask_matches_pattern, parse_pattern
 from .reconstruct import reconstruct_rows, reconstruction_error
+from .refit_steps import BATCH_ELEMENTS
 from .settings import PruneSettings
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "alps", "icbs")
@@ -47,6 +48,8 @@ class SequentialSettings(PruneSettings):
     batched_steps: bool = False  # layerwise steps: a block in each row of a batch at once
     dense_targets: bool = False  # fit each layer to the dense model's outputs
     target_damp: float = 0.1  # dense targets: ridge toward the dense weights, x mean(diag H)
+    refit_batch_elements: int = BATCH_ELEMENTS  # refit steps: stacked-inverse entries a batch
+    # of rows holds (`icbs.refit_steps.rows_per_batch`)
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,6 +57,7 @@ class SequentialSettings(PruneSettings):
         one_of("objective", self.objective, OBJECTIVES)
         one_of("init", self.init, INITS)
         integer_at_least("sparsegpt_columns", self.sparsegpt_columns, 1)
+        integer_at_least("refit_batch_elements", self.refit_batch_elements, 1)
         if self.steps is not None:
             integer_at_least("steps", self.steps, 1)
         if self.batched_steps and self.pattern == "unstructured":
@@ -121,7 +125,8 @@ def improve_weight(settings: SequentialSettings, w0: torch.Tensor,
             w0, hessian, mask, weight=weight, pattern=pattern, sparsity=s.sparsity,
             seconds=seconds, steps=steps, block_size=s.block_size, solver=s.solver,
             seed=s.seed, reconstruct=s.reconstruct, damp=s.percdamp, mask_damp=s.mask_damp,
-            objective=s.objective, batched=s.batched_steps)
+            objective=s.objective, batched=s.batched_steps,
+            batch_elements=s.refit_batch_elements)
         weight, mask = result.weight.float(), result.mask
         record.update(steps=result.steps, accepted=result.accepted,
                       seconds_icbs=result.seconds, seconds_steps=result.step_seconds)

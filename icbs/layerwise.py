@@ -20,7 +20,7 @@ from icbs.estimators import LayerwiseEstimator
 from icbs.layers import PrunableLayer
 from icbs.masks import Pattern, group_ids, mask_matches_pattern, parse_pattern
 from icbs.reconstruct import least_squares_update, reconstruct_rows, reconstruction_error
-from icbs.refit_steps import improve_rows
+from icbs.refit_steps import BATCH_ELEMENTS, improve_rows
 from icbs.selection import BlockSelector
 from icbs.solver_choice import resolve_solver
 from icbs.step import block_step, capped_block_size, set_block_mask
@@ -62,6 +62,7 @@ def improve_layer(
     mask_damp: float = 0.0,
     objective: str = "layerwise",
     batched: bool = False,
+    batch_elements: int = BATCH_ELEMENTS,
 ) -> LayerResult:
     """Improve a layer's keep-`mask` by `seconds` of block steps and/or `steps` steps.
 
@@ -77,7 +78,8 @@ def improve_layer(
     are refit (`icbs.refit_steps`), stepping rows in batches, under the ridge `mask_damp`
     (which must be positive); the result's kept weights are then refit with `damp`, as every
     other refit here is (measured on SmolLM2 at 2:4: steps and weights both at ridge 0.1 gave
-    perplexity 75.7 against ALPS's 72.1). `reconstruct` and `rounds` do not apply.
+    perplexity 75.7 against ALPS's 72.1). `reconstruct` and `rounds` do not apply;
+    `batch_elements` sizes the batches of rows (`icbs.refit_steps.improve_rows`).
 
     `batched` (layerwise objective, per_output or N:M) steps a block in every row of a batch
     of rows at once (`icbs.batched_steps`), cycling over the rows, instead of one block a
@@ -108,7 +110,8 @@ def improve_layer(
         same_ridge = damp == mask_damp  # the steps' own refit weights are the result
         refit = improve_rows(w0, hessian, mask, start=current * mask, pattern=pattern,
                              block_size=block_size, solver=block_solver, seed=seed, damp=mask_damp,
-                             seconds=seconds, steps=steps, refit_unreached=same_ridge)
+                             seconds=seconds, steps=steps, refit_unreached=same_ridge,
+                             batch_elements=batch_elements)
         weight = refit.weight if same_ridge else least_squares_update(
             w0, hessian, refit.mask, damp, start=refit.weight.float())
         return LayerResult(

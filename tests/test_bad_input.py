@@ -94,6 +94,8 @@ PRUNE_CASES = [
     ({"--seqlen": "1"}, "--seqlen must be >= 2, got 1"),
     ({"--seed": "-1"}, "seed must be an integer >= 0, got -1"),
     ({"--sparsegpt-columns": "0"}, "sparsegpt_columns must be an integer >= 1, got 0"),
+    ({"--method": "icbs", "--objective": "refit", "--refit-batch-elements": "0"},
+     "refit_batch_elements must be an integer >= 1, got 0"),
     ({"--method": "icbs", "--steps": "0"}, "steps must be an integer >= 1, got 0"),
     ({"--method": "icbs", "--pattern": "unstructured", "--batched-steps": True},
      "batched_steps needs a per-row count"),
