@@ -25,6 +25,7 @@ from .masks import check_layer, mask_matches_pattern, parse_pattern
 from .reconstruct import reconstruct_rows, reconstruction_error
 from .refit_steps import BATCH_ELEMENTS
 from .settings import PruneSettings
+from .threads import set_threads
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "alps", "icbs")
 INITS = ("wanda", "sparsegpt", "alps")
@@ -188,7 +189,9 @@ def prune_weight(settings: SequentialSettings, w0: torch.Tensor,
 
 def layer_job(kind: str, *args):
     """The jobs an executor runs: "prune" (`prune_weight`), "start" (`start_weight`) or
-    "improve" (`improve_weight`), each a pure function of its arguments."""
+    "improve" (`improve_weight`), each a pure function of its arguments. The solvers' numba
+    threads follow torch's (a Ray worker gets torch threads for its CPUs, numba all cores)."""
+    set_threads(torch.get_num_threads())
     return {"prune": prune_weight, "start": start_weight, "improve": improve_weight}[kind](*args)
 
 
