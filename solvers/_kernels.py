@@ -281,10 +281,18 @@ def polish_many(Q, x, perm, gstart, gk, gsize, max_swaps):
         f = fields(Q[p], x[p])
         polish_swaps(Q[p], x[p], f, perm[p], gstart[p], gk[p], gsize[p],
                      row_max_offdiag(Q[p]), max_swaps)
-        for i in range(x.shape[1]):
-            if x[p, i]:
-                energies[p] += f[i]
+        energies[p] = ones_sum(f, x[p])
     return energies
+
+
+@njit(cache=True)
+def ones_sum(f, x):
+    """sum of f over the ones of x: the energy x^T Q x when f = Q x."""
+    e = 0.0
+    for i in range(x.size):
+        if x[i]:
+            e += f[i]
+    return e
 
 
 @njit(cache=True)
@@ -439,7 +447,7 @@ def anneal_restarts(Q, start, groups, gk, gsize, betas, sweeps_per_beta, min_pro
                     polish, answers):
     """One `anneal_swaps` run from `start` per seed, each ended by a `polish_sweep` when
     `polish`; run r's answer (its best state) goes to answers[r]. Returns (accepted moves,
-    polish swaps)."""
+    polish swaps, proposals made)."""
     diag = np.diag(Q).copy()
     f0 = fields(Q, start)
     gstart = group_starts(gsize)
@@ -459,7 +467,7 @@ def anneal_restarts(Q, start, groups, gk, gsize, betas, sweeps_per_beta, min_pro
         if polish:
             swaps += polish_sweep(Q, diag, xb, fields(Q, xb), group_perm(xb, groups, gstart, gk),
                                   gstart, gk, gsize, rowmax, np.iinfo(np.int64).max)[1]
-    return accepted, swaps
+    return accepted, swaps, proposals * betas.size * seeds.size
 
 
 @njit(cache=True, parallel=True)
@@ -474,11 +482,7 @@ def anneal_many(Q, starts, groups, gk, gsize, betas, sweeps_per_beta, min_propos
                         min_proposals, seeds[p], polish, runs)
         best = np.inf
         for r in range(len(runs)):
-            f = fields(Q[p], runs[r])
-            e = 0.0
-            for i in range(f.size):
-                if runs[r, i]:
-                    e += f[i]
+            e = ones_sum(fields(Q[p], runs[r]), runs[r])
             if e < best:
                 best = e
                 answers[p] = runs[r]

@@ -166,16 +166,14 @@ class SwapAnnealer(Solver):
         betas = self._schedules(problem.Q[None], start[None], problem.groups[None],
                                 problem.k[None], problem.sizes[None], np.array([schedule_seed]))[0]
         runs = np.empty((self.restarts, problem.n), dtype=np.int8)
-        accepted, polish_swaps = K.anneal_restarts(
+        accepted, polish_swaps, proposals = K.anneal_restarts(
             problem.Q, start.astype(np.int8), problem.groups, problem.k, problem.sizes, betas,
             self.sweeps_per_beta, self.min_proposals_per_beta, seeds, self.polish, runs)
         energies = [problem.energy(x) for x in runs]
-        movable = K.movable_of(problem.groups, problem.k, problem.sizes).size
         info = {
             "sweeps": int(betas.size * self.sweeps_per_beta),
             "restarts": self.restarts,
-            "proposals": max(movable * self.sweeps_per_beta, self.min_proposals_per_beta)
-            * betas.size * self.restarts,
+            "proposals": int(proposals),
             "accepted": int(accepted),
             "polish_swaps": int(polish_swaps),
             "betas": (float(betas[0]), float(betas[-1])),
