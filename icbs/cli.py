@@ -30,7 +30,6 @@ def add_demo_command(subparsers) -> None:
 
 
 def _demo(args) -> None:
-
     from icbs.demo import format_table, run_demo
     from icbs.threads import set_threads
 

@@ -233,7 +233,6 @@ def add_export_command(subparsers: Any) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-
     from icbs.checks import flag_at_least, output_directory
     from icbs.threads import set_threads
 
