@@ -8,7 +8,7 @@ import torch
 
 from icbs.block_qubo import build_block_qubo
 from icbs.layerwise import improve_layer
-from icbs.masks import group_ids, mask_matches_pattern, parse_pattern
+from icbs.masks import group_ids, mask_from_scores, mask_matches_pattern, parse_pattern
 from icbs.reconstruct import reconstruction_error
 from icbs.refit_steps import RowsRefit, choose_blocks, improve_rows, refit_step
 from solvers import get_solver
@@ -296,3 +296,26 @@ def test_a_step_on_a_row_with_fewer_kept_weights_than_its_block_adds_is_exact():
         torch.testing.assert_close(rows.error, truth, rtol=1e-8, atol=0)
         assert torch.equal(rows.keep.sum(1), torch.tensor([3, 3]))
     assert accepted > 0
+
+
+def test_the_settings_batch_size_reaches_the_refit_steps(monkeypatch):
+    import icbs.layerwise
+    from icbs.layer_pruning import SequentialSettings, improve_weight
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["batch_elements"])
+        return improve_rows(*args, **kwargs)
+
+    monkeypatch.setattr(icbs.layerwise, "improve_rows", recording)
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(6, 16, generator=gen)
+    x = torch.randn(64, 16, generator=gen)
+    mask = mask_from_scores(w0.abs(), 0.5, "per_output")
+    settings = SequentialSettings(method="icbs", objective="refit", sparsity=0.5,
+                                  pattern="per_output", block_size=8, solver="greedy",
+                                  refit_batch_elements=1234)
+    weight, new_mask, _ = improve_weight(settings, w0, x.T @ x / 64, w0 * mask, mask, None, 12)
+    assert seen == [1234]
+    assert mask_matches_pattern(new_mask, parse_pattern("per_output"), 0.5)

@@ -260,6 +260,13 @@ def test_anneal_default_schedule_parameters():
             get_solver("anneal", **bad)
 
 
+def test_set_threads_sets_torch_and_numba_capped_at_the_pool(threads):
+    assert torch.get_num_threads() == threads
+    assert numba.get_num_threads() == min(threads, numba.config.NUMBA_NUM_THREADS)
+    set_threads(10**6)  # more than numba's pool: numba takes its whole pool
+    assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+
+
 def test_anneal_trivial_groups():
     # groups with k = 0 or k = |g| have no move; n = 1 and n = 0 work
     p = CardinalityQUBO(np.ones((4, 4)), [0, 2], [0, 0, 1, 1])
