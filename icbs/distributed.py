@@ -41,6 +41,11 @@ class RayExecutor:
             # its configuration when imported, so this comes first.
             os.environ["RAY_AUTH_MODE"] = "token"
             os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        if address is None:
+            # Ray starts its workers at nice 15: beside other busy processes they all but
+            # stop (a tiny model's run took 25x longer on a loaded machine). The layer jobs
+            # are this run's main work, so they run at the driver's priority.
+            os.environ.setdefault("RAY_worker_niceness", "0")
         try:
             import ray
         except ImportError:

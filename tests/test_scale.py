@@ -188,3 +188,17 @@ def test_layers_split_into_row_parts_for_many_workers_stay_valid_and_determinist
         assert record["error_after"] < record["error_before"]
     assert sum(r["steps"] for r in report["layers"]) == pytest.approx(600, abs=30)
     assert all(torch.equal(state[k], results[1][1][k]) for k in state)
+
+
+def test_embedded_ray_workers_run_at_the_drivers_priority(tmp_path):
+    """Ray's default (nice 15) starves the layer jobs beside any busy process."""
+    pytest.importorskip("ray")
+    code = ("import os; from icbs.distributed import RayExecutor; e = RayExecutor(workers=1); "
+            "print(e.map(lambda: os.nice(0), [()])[0], os.nice(0)); e.close()")
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("RAY_worker_niceness", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    worker, driver = out.stdout.split()
+    assert worker == driver
