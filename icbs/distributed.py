@@ -42,9 +42,9 @@ class RayExecutor:
             os.environ["RAY_AUTH_MODE"] = "token"
             os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         if address is None:
-            # Ray starts its workers at nice 15: beside other busy processes they all but
-            # stop (a tiny model's run took 25x longer on a loaded machine). The layer jobs
-            # are this run's main work, so they run at the driver's priority.
+            # Ray starts its workers at nice 15, and beside busy processes they all but stop
+            # (a tiny model's run: over 250 s against 36 s at nice 0, three busy processes
+            # on 2 cores). The layer jobs are this run's main work: the driver's priority.
             os.environ.setdefault("RAY_worker_niceness", "0")
         try:
             import ray
