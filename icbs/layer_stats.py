@@ -95,8 +95,9 @@ def dense_target(w0: torch.Tensor, cov: InputCovariance, damp: float) -> torch.T
     """The weights T minimizing |T X - W0 X0|^2 / tokens + lambda |T - W0|^2 (X: the layer's
     inputs in the model pruned so far, X0: in the dense model; lambda = damp mean(diag H)):
     T = W0 (G^T + lambda I) (H + lambda I)^-1. Every row's error |w X - w0 X0|^2 / tokens is
-    then (w - t)^T H (w - t) plus a constant, so any method that prunes toward W0 under H
-    prunes toward the dense model's outputs when given T instead (T = W0 when X = X0)."""
+    then (w - t)^T H (w - t) + 2 lambda w.(w0 - t) plus a constant, so any method that prunes
+    toward W0 under H prunes toward the dense model's outputs when given T instead (T = W0
+    when X = X0), up to the linear term of the ridge, which it does not see."""
     h = cov.hessian.double()
     ridge = damp * float(torch.diagonal(h).mean()) * torch.eye(len(h), dtype=h.dtype,
                                                                device=h.device)

@@ -55,15 +55,17 @@ def test_dense_target_is_the_least_squares_fit_to_the_dense_outputs(damp):
     w = torch.randn(rows, cols, dtype=torch.float64)
     assert dense_output_error(w0, w, cov) == pytest.approx(
         float(((w @ x.T - w0 @ x0.T) ** 2).sum()) / tokens, rel=1e-10)
-    if damp == 0:  # any row's dense-output error is (w - t)^T H (w - t) plus one constant
-        h = cov.hessian
-        gaps = []
-        for _ in range(3):
-            w = torch.randn(rows, cols, dtype=torch.float64)
-            true = ((w @ x.T - w0 @ x0.T) ** 2).sum(1) / tokens
-            gaps.append(true - (((w - target) @ h) * (w - target)).sum(1))
-        torch.testing.assert_close(gaps[0], gaps[1])
-        torch.testing.assert_close(gaps[0], gaps[2])
+    # any row's dense-output error is (w - t)^T H (w - t) + 2 lambda w.(w0 - t) plus one
+    # constant: the ridge leaves a linear term the methods (fitting t under H) do not see
+    h = cov.hessian
+    gaps = []
+    for _ in range(3):
+        w = torch.randn(rows, cols, dtype=torch.float64)
+        true = ((w @ x.T - w0 @ x0.T) ** 2).sum(1) / tokens
+        fitted = (((w - target) @ h) * (w - target)).sum(1)
+        gaps.append(true - fitted - 2 * lam * (w * (w0 - target)).sum(1))
+    torch.testing.assert_close(gaps[0], gaps[1])
+    torch.testing.assert_close(gaps[0], gaps[2])
 
 
 def test_dense_target_is_the_weights_when_the_inputs_are_the_dense_ones():
