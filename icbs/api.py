@@ -93,7 +93,8 @@ def prune_layer_by_layer(
     try:
         records = prune_in_stages(model, batches, layers, pruner,
                                   needs_statistics=config.needs_calibration, progress=progress,
-                                  dense_targets=config.dense_targets)
+                                  dense_targets=config.dense_targets,
+                                  true_sequential=config.true_sequential)
     except BaseException:
         for layer in layers:
             layer.restore_dense()

@@ -82,6 +82,51 @@ class _StopForward(Exception):
     """Raised once the last layer whose inputs a pass needs has run."""
 
 
+def groups_by_input(captured: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names (in call order) grouped by the tensor they were fed: layers fed the very same
+    tensor (q/k/v, gate/up, a residual block's first convolution and its shortcut) form one
+    group, at its first member's place. Such a tensor was made before any of them ran, so
+    pruning a group cannot change the inputs of the groups before it, nor its own."""
+    groups: list[list[str]] = []
+    for name, x in captured.items():
+        home = next((g for g in groups if captured[g[0]] is x), None)
+        if home is None:
+            groups.append([name])
+        else:
+            home.append(name)
+    return groups
+
+
+@torch.no_grad()
+def call_groups(model: nn.Module, layers: list[PrunableLayer], batch: tuple
+                ) -> list[list[PrunableLayer]]:
+    """`layers` in the order a forward pass on the `(inputs, targets)` batch first calls
+    them, grouped by the tensor they are fed (`groups_by_input`); the pass stops once every
+    layer has its input. Raises ValueError on a layer the pass never calls."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(_module, args):
+            captured.setdefault(name, args[0])
+            if len(captured) == len(layers):
+                raise _StopForward
+        return hook
+
+    handles = [layer.module.register_forward_pre_hook(make_hook(layer.name)) for layer in layers]
+    try:
+        model(batch[0])
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [layer.name for layer in layers if layer.name not in captured]
+    if missing:
+        raise ValueError(f"layers never used in the model's forward pass: {missing}")
+    by_name = {layer.name: layer for layer in layers}
+    return [[by_name[name] for name in group] for group in groups_by_input(captured)]
+
+
 def input_statistics(
     model: nn.Module, layers: list[PrunableLayer], batches: list, stop_after: bool = False,
     dense: nn.Module | None = None,

@@ -49,6 +49,8 @@ class SequentialSettings(PruneSettings):
     batched_steps: bool = False  # layerwise steps: a block in each row of a batch at once
     dense_targets: bool = False  # fit each layer to the dense model's outputs
     target_damp: float = 0.1  # dense targets: ridge toward the dense weights, x mean(diag H)
+    true_sequential: bool = False  # a stage's layers group by group in call order (an LLM
+    # block's always with dense targets)
     refit_batch_elements: int = BATCH_ELEMENTS  # refit steps: stacked-inverse entries a batch
     # of rows holds (`icbs.refit_steps.rows_per_batch`)
 

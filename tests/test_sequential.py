@@ -242,3 +242,65 @@ def test_a_layer_the_forward_pass_never_calls_is_refused_before_any_change():
     with pytest.raises(ValueError, match=r"never used in the model's forward pass: \['unused'\]"):
         icbs.prune_layer_by_layer(model, [(x, x)], sparsity=0.5, method="wanda")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("arch", ["vit", "resnet"])
+def test_in_call_order_each_group_sees_the_groups_pruned_before_it(arch, monkeypatch):
+    """Every layer's statistics against a plain forward of the final model with the layer's
+    group and every later one dense again; at once, a later group's differ from them."""
+    import copy
+
+    from icbs.calibration import call_groups
+    from icbs.layer_pruning import LayerPruner
+
+    torch.manual_seed(0)
+    make = (lambda: ViT(dim=16, depth=2, heads=2)) if arch == "vit" else (
+        lambda: ResNet(widths=(4, 8)))
+    dense = make().eval()
+    batches = _images(32)
+    groups = [[layer.name for layer in group]
+              for stage in stages(dense, find_prunable(dense), batches[0])
+              for group in call_groups(dense, stage, batches[0])]
+    expected = {"vit": ["blocks.1.attn.qkv"], "resnet": ["blocks.1.conv1", "blocks.1.shortcut.0"]}
+    assert expected[arch] in groups
+    assert all(len(g) == 1 for g in groups if g != expected[arch])
+
+    seen = {False: {}, True: {}}
+    models = {}
+    for in_order in (False, True):
+        class Recording(LayerPruner):
+            def prune_block(self, layers, stats, seen=seen[in_order]):
+                seen.update(stats)
+                return super().prune_block(layers, stats)
+
+        monkeypatch.setattr(icbs.api, "LayerPruner", Recording)
+        models[in_order] = copy.deepcopy(dense)
+        report = icbs.prune_layer_by_layer(models[in_order], batches, sparsity=0.5,
+                                           method="sparsegpt", true_sequential=in_order)
+        if in_order:
+            assert [r["name"] for r in report["layers"]] == [n for g in groups for n in g]
+    model, names = models[True], [n for g in groups for n in g]
+    dense_modules = dict(dense.named_modules())
+    differs = []
+    for g, group in enumerate(groups):
+        reference = copy.deepcopy(model)
+        modules = dict(reference.named_modules())
+        for later in (n for later_group in groups[g:] for n in later_group):
+            modules[later].weight.data.copy_(dense_modules[later].weight)
+        for name in group:
+            x = []
+            hook = modules[name].register_forward_hook(
+                lambda m, args, out, x=x: x.append(input_matrix(m, args[0]).reshape(
+                    -1, m.weight[0].numel())))
+            with torch.no_grad():
+                for images, _ in batches:
+                    reference(images)
+            hook.remove()
+            x = torch.cat(x).double()
+            h = x.T @ x / len(x)
+            torch.testing.assert_close(seen[True][name].hessian.double(), h, rtol=1e-4,
+                                       atol=1e-5 * float(h.abs().max()))
+            differs.append(float((seen[False][name].hessian.double() - h).abs().max())
+                           > 1e-3 * float(h.abs().max()))
+    assert not differs[0]  # the first layer sees the calibration inputs either way
+    assert sum(differs) >= len(names) // 2  # at once, a stage's later groups see dense ones

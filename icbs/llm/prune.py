@@ -37,7 +37,6 @@ class LLMPruneSettings(SequentialSettings):
     seqlen: int = 512
     batch_size: int = 8
     bos: str = "auto"  # BOS before every calibration window: auto, yes, no
-    true_sequential: bool = False  # a block's layers group by group (always with dense targets)
 
     def __post_init__(self):
         super().__post_init__()

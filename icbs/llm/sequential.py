@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration import groups_by_input
 from ..layer_stats import InputCovariance
 
 logger = logging.getLogger(__name__)
@@ -143,19 +144,13 @@ def _call_capturing(block: nn.Module, layers: dict[str, nn.Linear], hidden: torc
 def call_groups(block: nn.Module, layers: dict[str, nn.Linear], inputs: BlockInputs
                 ) -> list[list[str]]:
     """The layers' names in the order the block calls them (on the first calibration batch),
-    grouped: consecutive layers fed the very same tensor (q/k/v, gate/up) form one group."""
+    grouped by the tensor they are fed (`icbs.calibration.groups_by_input`: q/k/v, gate/up)."""
     hidden, args, kwargs = next(iter(inputs.calls()))
     _, captured = _call_capturing(block, layers, hidden, args, kwargs)
-    groups: list[list[str]] = []
-    for name, x in captured.items():
-        if groups and captured[groups[-1][-1]] is x:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
     missing = [name for name in layers if name not in captured]
     if missing:
         raise ValueError(f"no calibration inputs reached {missing}")
-    return groups
+    return groups_by_input(captured)
 
 
 @torch.no_grad()
