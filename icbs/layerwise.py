@@ -138,7 +138,7 @@ def improve_layer(
         for r in range(n_rounds):
             share = None if steps is None else steps * (r + 1) // n_rounds - taken
             result = improve_rows_batched(
-                w0, steps_h, layer.mask, weight=layer.weight, scores=scores, pattern=pattern,
+                w0, steps_h, layer.mask, weight=layer.weight, pattern=pattern,
                 block_size=block_size, solver=block_solver, seed=seed + r, steps=share,
                 seconds=None if seconds is None else seconds / n_rounds, order=order)
             layer.weight, layer.mask = result.weight, result.mask

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from icbs.baselines import magnitude_mask
-from icbs.batched_steps import batched_step, block_qubos, improve_rows_batched
+from icbs.batched_steps import _blocks, batched_step, block_qubos, improve_rows_batched
 from icbs.block_qubo import build_block_qubo
 from icbs.layerwise import improve_layer
 from icbs.masks import group_ids, mask_matches_pattern, parse_pattern
@@ -81,20 +81,59 @@ def test_a_batched_step_takes_each_rows_exact_best_and_its_true_error_change(pat
         assert float(delta[r]) == pytest.approx(best, rel=1e-9, abs=1e-12)
 
 
+def _single_flip_changes(w0, weight, keep, h):
+    """Brute force: each weight's error change when it alone flips (a return takes w0)."""
+    before = _error(w0, weight, keep, h)
+    changes = torch.empty_like(w0)
+    for c in range(w0.shape[1]):
+        k, w = keep.clone(), weight.clone()
+        k[:, c] = ~k[:, c]
+        w[:, c] = torch.where(keep[:, c], weight[:, c], w0[:, c])
+        changes[:, c] = _error(w0, w, k, h) - before
+    return changes
+
+
+@pytest.mark.parametrize("pattern", ["per_output", "2:4"])
+def test_best_first_blocks_hold_the_best_single_flips(pattern):
+    pattern = parse_pattern(pattern)
+    w0, h = _layer(rows=5, cols=16)
+    keep = magnitude_mask(w0.float(), 0.5, pattern)
+    weight = w0 * keep * 0.8
+    groups = group_ids((1, 16), pattern)[0]
+    changes = _single_flip_changes(w0, weight, keep, h)
+    blocks = _blocks(w0, weight, keep, h, (weight * keep - w0) @ h, groups, 8,
+                     torch.Generator().manual_seed(0), torch.zeros(5, dtype=torch.bool))
+    for r in range(5):
+        if pattern.kind == "nm":  # two whole groups: the lowest best return + best prune
+            pruned, kept = ~keep[r].view(4, 4), keep[r].view(4, 4)
+            row = changes[r].view(4, 4)
+            rank = torch.where(pruned, row, torch.inf).amin(1) + \
+                torch.where(kept, row, torch.inf).amin(1)
+            want = (rank.argsort()[:2, None] * 4 + torch.arange(4)).flatten()
+        else:  # the 4 cheapest returns and the 4 cheapest prunings
+            back = torch.where(keep[r], torch.inf, changes[r]).argsort()[:4]
+            prune = torch.where(keep[r], changes[r], torch.inf).argsort()[:4]
+            want = torch.cat([back, prune])
+        assert blocks[r].tolist() == want.sort().values.tolist()
+
+
+@pytest.mark.parametrize("block_choice", ["best_first", "random"])
 @pytest.mark.parametrize("pattern", ["per_output", "4:8"])
-def test_batched_rows_lower_the_error_keep_the_pattern_and_count_their_steps(pattern):
+def test_batched_rows_lower_the_error_keep_the_pattern_and_count_their_steps(pattern,
+                                                                             block_choice):
     pattern = parse_pattern(pattern)
     w0, h = _layer(rows=40, cols=32, tokens=64)
     keep = magnitude_mask(w0.float(), 0.5, pattern)
-    scores = w0.abs()
-    result = improve_rows_batched(w0, h, keep, weight=w0 * keep, scores=scores, pattern=pattern,
-                                  block_size=16, solver=get_solver("greedy"), seed=0, steps=100)
+    result = improve_rows_batched(w0, h, keep, weight=w0 * keep, pattern=pattern,
+                                  block_size=16, solver=get_solver("greedy"), seed=0, steps=100,
+                                  block_choice=block_choice)
     assert result.steps == 100 and result.passes == 100 / 40
     assert mask_matches_pattern(result.mask, pattern, 0.5)
     assert _error(w0, result.weight.double(), result.mask, h).sum() < \
         _error(w0, w0 * keep, keep, h).sum()
-    again = improve_rows_batched(w0, h, keep, weight=w0 * keep, scores=scores, pattern=pattern,
-                                 block_size=16, solver=get_solver("greedy"), seed=0, steps=100)
+    again = improve_rows_batched(w0, h, keep, weight=w0 * keep, pattern=pattern,
+                                 block_size=16, solver=get_solver("greedy"), seed=0, steps=100,
+                                 block_choice=block_choice)
     assert torch.equal(again.mask, result.mask) and torch.equal(again.weight, result.weight)
 
 
