@@ -23,7 +23,7 @@ import torch
 from numba import njit
 
 from icbs.masks import Pattern, group_ids
-from icbs.refit_steps import _draw
+from icbs.refit_steps import _draw, check_block_choice
 from solvers import QUBOStack
 
 ROW_ELEMENTS = 2**20  # entries of one batch's stacked block Hessians (8 MB in float64)
@@ -169,8 +169,7 @@ def improve_rows_batched(weight0: torch.Tensor, hessian: torch.Tensor, mask: tor
     if pattern.kind == "unstructured":
         raise ValueError("batched steps need a per-row count (per_output or N:M); "
                          "unstructured has one count per layer")
-    if block_choice not in ("best_first", "random"):
-        raise ValueError(f"block_choice must be 'best_first' or 'random', got {block_choice!r}")
+    check_block_choice(block_choice)
     rows, cols = weight0.shape
     h = hessian.double().cpu()
     w0 = weight0.double().cpu()

@@ -277,6 +277,12 @@ def choose_blocks(rows: RowsRefit, groups: torch.Tensor, block_size: int,
     return torch.cat([pruned, kept], 1)
 
 
+def check_block_choice(block_choice: str) -> None:
+    """Raise unless `block_choice` is one of the block choices both step loops know."""
+    if block_choice not in ("best_first", "random"):
+        raise ValueError(f"block_choice must be 'best_first' or 'random', got {block_choice!r}")
+
+
 def _draw(score: torch.Tensor, count: int, available: int, pool_factor: int,
           gen: torch.Generator, explore: torch.Tensor | None = None) -> torch.Tensor:
     """`count` (at most `available`, the entries of each row that score above -inf) column
@@ -390,8 +396,7 @@ def improve_rows(weight0: torch.Tensor, hessian: torch.Tensor, mask: torch.Tenso
     the budget: `seconds` leaves that refit out. `block_choice` "best_first" takes a row's
     best candidates and draws at random only after a rejected step; "random" always draws
     (the choice before session 11, kept for comparison)."""
-    if block_choice not in ("best_first", "random"):
-        raise ValueError(f"block_choice must be 'best_first' or 'random', got {block_choice!r}")
+    check_block_choice(block_choice)
     rows, cols = weight0.shape
     h = hessian.double()
     h = h + damp * torch.diagonal(h).mean().clamp_min(1e-12) * torch.eye(
