@@ -117,6 +117,32 @@ def test_best_first_blocks_hold_the_best_single_flips(pattern):
         assert blocks[r].tolist() == want.sort().values.tolist()
 
 
+def test_after_a_rejection_a_row_draws_from_the_best_twice_as_many():
+    pattern = parse_pattern("per_output")
+    w0, h = _layer(rows=6, cols=32)
+    keep = magnitude_mask(w0.float(), 0.5, pattern)
+    weight = w0 * keep * 0.8
+    groups = group_ids((1, 32), pattern)[0]
+    changes = _single_flip_changes(w0, weight, keep, h)
+    explore = torch.tensor([True, False] * 3)
+    drawn_apart = False
+    for seed in range(5):
+        blocks = _blocks(w0, weight, keep, h, (weight * keep - w0) @ h, groups, 8,
+                         torch.Generator().manual_seed(seed), explore)
+        for r in range(6):
+            back = torch.where(keep[r], torch.inf, changes[r]).argsort()
+            prune = torch.where(keep[r], changes[r], torch.inf).argsort()
+            best = torch.cat([back[:4], prune[:4]]).sort().values.tolist()
+            if not explore[r]:
+                assert blocks[r].tolist() == best
+                continue
+            pool = set(back[:8].tolist()) | set(prune[:8].tolist())
+            assert set(blocks[r].tolist()) <= pool and len(set(blocks[r].tolist())) == 8
+            assert int((~keep[r, blocks[r]]).sum()) == 4
+            drawn_apart |= blocks[r].tolist() != best
+    assert drawn_apart
+
+
 @pytest.mark.parametrize("block_choice", ["best_first", "random"])
 @pytest.mark.parametrize("pattern", ["per_output", "4:8"])
 def test_batched_rows_lower_the_error_keep_the_pattern_and_count_their_steps(pattern,
