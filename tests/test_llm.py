@@ -128,19 +128,21 @@ def test_bos_auto_follows_the_tokenizer(model_dir, bos_model_dir):
     assert torch.equal(windows[:, 1:], calibration_windows(torch.arange(2, 500), 4, 32, seed=3))
 
 
-def _direct_perplexity(model, ids: list[int], seqlen: int, count: int, bos_id) -> float:
-    """exp(mean NLL) by a plain loop: window i is ids[i*seqlen:(i+1)*seqlen], fed behind
-    `bos_id` when given; every token after the window's first input is scored."""
-    total, scored = 0.0, 0
+def _direct_nll(model, ids: list[int], seqlen: int, count: int, bos_id) -> list[list[float]]:
+    """Each window's next-token NLLs by a plain loop: window i is ids[i*seqlen:(i+1)*seqlen],
+    fed behind `bos_id` when given; every token after the window's first input is scored."""
+    windows = []
     for i in range(count):
         window = ids[i * seqlen:(i + 1) * seqlen]
         inputs = ([bos_id] if bos_id is not None else []) + window
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([inputs])).logits[0].double(), -1)
-        for t in range(1, len(inputs)):
-            total -= float(logp[t - 1, inputs[t]])
-            scored += 1
-    return math.exp(total / scored)
+        windows.append([-float(logp[t - 1, inputs[t]]) for t in range(1, len(inputs))])
+    return windows
+
+
+def _direct_perplexity(nll: list[list[float]]) -> float:
+    return math.exp(sum(map(sum, nll)) / sum(map(len, nll)))
 
 
 def test_bos_windows_are_scored_on_every_text_token(bos_model_dir, text_file):
@@ -149,13 +151,15 @@ def test_bos_windows_are_scored_on_every_text_token(bos_model_dir, text_file):
     auto = text_perplexity(model, tokenizer, [text_file], 64, 256, progress=False)
     assert auto["bos_token_id"] == 1 and auto["windows"] == 4 and auto["scored_tokens"] == 256
     plain_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert auto["perplexity"] == pytest.approx(
-        _direct_perplexity(model, plain_ids, 64, 4, bos_id=1), rel=1e-6)
+    direct = _direct_nll(model, plain_ids, 64, 4, bos_id=1)
+    assert auto["perplexity"] == pytest.approx(_direct_perplexity(direct), rel=1e-6)
+    assert auto["window_nll"] == pytest.approx([sum(w) / len(w) for w in direct], rel=1e-6)
     # "no": the text encoded once (one BOS at its start), seqlen - 1 tokens scored a window.
     off = text_perplexity(model, tokenizer, [text_file], 64, 256, progress=False, bos="no")
     assert off["bos_token_id"] is None and off["scored_tokens"] == 4 * 63
-    assert off["perplexity"] == pytest.approx(
-        _direct_perplexity(model, tokenizer(text)["input_ids"], 64, 4, bos_id=None), rel=1e-6)
+    direct = _direct_nll(model, tokenizer(text)["input_ids"], 64, 4, bos_id=None)
+    assert off["perplexity"] == pytest.approx(_direct_perplexity(direct), rel=1e-6)
+    assert off["window_nll"] == pytest.approx([sum(w) / len(w) for w in direct], rel=1e-6)
 
 
 def test_cli_prune_and_eval_record_the_bos_choice(bos_model_dir, model_dir, text_file, tmp_path,

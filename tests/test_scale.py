@@ -19,7 +19,7 @@ from icbs.cli import main  # noqa: E402
 from icbs.distributed import LocalExecutor  # noqa: E402
 from icbs.layer_pruning import LayerPruner  # noqa: E402
 from icbs.llm.data import eval_windows, read_text, tokenize  # noqa: E402
-from icbs.llm.evaluate import perplexity  # noqa: E402
+from icbs.llm.evaluate import perplexity, window_nll  # noqa: E402
 from icbs.llm.lazy import LazyModel  # noqa: E402
 from icbs.llm.load import load_model  # noqa: E402
 from icbs.llm.prune import LLMPruneSettings, prune_model  # noqa: E402
@@ -81,6 +81,8 @@ def test_block_at_a_time_pruning_equals_pruning_the_loaded_model(files, tmp_path
         [r["error_after"] for r in expected["layers"]]
     windows = eval_windows(tokenize(tokenizer, read_text([files["text"]])), 32, 512)
     assert report["eval"]["perplexity"] == pytest.approx(perplexity(model, windows), rel=1e-6)
+    assert report["eval"]["window_nll"] == pytest.approx(window_nll(model, windows).tolist(),
+                                                         rel=1e-6)
 
 
 def test_a_bfloat16_model_is_pruned_in_float32_and_written_in_bfloat16(files, tmp_path):

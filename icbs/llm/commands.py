@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import signal
 import sys
@@ -176,19 +177,19 @@ def text_perplexity(model, tokenizer, paths, seqlen: int, max_tokens: int | None
     """Perplexity on text files with the settings that produced it; `model` is a loaded model
     or an `icbs.llm.lazy.LazyModel` (evaluated one decoder block at a time)."""
     from .data import eval_windows, read_text, resolve_bos, tokenize
-    from .evaluate import perplexity
+    from .evaluate import window_nll
     from .lazy import LazyModel
 
     bos_id = resolve_bos(tokenizer, bos)
     tokens = tokenize(tokenizer, read_text(paths), bos_id)
     windows = eval_windows(tokens, seqlen, max_tokens, bos_id)
     tic = time.perf_counter()
-    ppl = model.perplexity(windows, batch_size) if isinstance(model, LazyModel) else \
-        perplexity(model, windows, batch_size, progress=progress)
-    return {"perplexity": ppl, "text": [str(p) for p in paths], "seqlen": seqlen,
-            "bos": bos, "bos_token_id": bos_id, "windows": len(windows),
+    nll = model.window_nll(windows, batch_size) if isinstance(model, LazyModel) else \
+        window_nll(model, windows, batch_size, progress=progress)
+    return {"perplexity": math.exp(float(nll.mean())), "text": [str(p) for p in paths],
+            "seqlen": seqlen, "bos": bos, "bos_token_id": bos_id, "windows": len(windows),
             "scored_tokens": len(windows) * (windows.shape[1] - 1),
-            "seconds": time.perf_counter() - tic}
+            "window_nll": nll.tolist(), "seconds": time.perf_counter() - tic}
 
 
 def run_prune(args) -> None:

@@ -13,7 +13,6 @@ activations, whatever the depth of the model.
 from __future__ import annotations
 
 import json
-import math
 import resource
 from collections import defaultdict
 from pathlib import Path
@@ -164,10 +163,10 @@ class LazyModel:
                 for name in names}
 
     @torch.no_grad()
-    def perplexity(self, windows: torch.Tensor, batch_size: int = 1) -> float:
-        """exp(mean next-token NLL) over every predicted token of every window (as
-        `icbs.llm.evaluate.perplexity`), computed block by block: all windows through block 0,
-        then block 1, ..., reading each block from the directory."""
+    def window_nll(self, windows: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
+        """The mean next-token NLL of each window (as `icbs.llm.evaluate.window_nll`),
+        computed block by block: all windows through block 0, then block 1, ..., reading each
+        block from the directory."""
         inputs = capture_block_inputs(self.model, self.blocks[0], windows, batch_size)
         tuple_output = False
         for index in range(len(self.blocks)):
@@ -177,7 +176,7 @@ class LazyModel:
             inputs.hidden = [out[0] if tuple_output else out for out in outputs]
             self.release_block(index)
         originals = list(self.blocks)
-        total, count = 0.0, 0
+        parts = []
         try:
             for index in range(len(self.blocks)):
                 self.blocks[index] = _Replay(tuple_output)
@@ -185,13 +184,12 @@ class LazyModel:
                                      strict=True):
                 batch = windows[start:start + batch_size].to(self.device)
                 self.blocks[-1].hidden = hidden
-                nll, tokens = next_token_nll(self.model(input_ids=batch,
-                                                        use_cache=False).logits, batch)
-                total, count = total + nll, count + tokens
+                parts.append(next_token_nll(self.model(input_ids=batch,
+                                                       use_cache=False).logits, batch))
         finally:
             for index, block in enumerate(originals):
                 self.blocks[index] = block
-        return math.exp(total / count)
+        return torch.cat(parts)
 
 
 class _Replay(nn.Module):
