@@ -10,7 +10,8 @@ from ALPS (--refit-init) and scores every block by the error after the refit
 column says which, with the target's ridge, and `error_dense` sums the layers' errors
 against the dense model's outputs, comparable between runs). Rows already in the CSV are
 skipped, so an interrupted run resumes; runs split over processes (each its own --out)
-merge by concatenating their CSVs, after which a run of the script redraws the plot.
+merge by concatenating their CSVs, after which a run of the script redraws the plot. Each
+run's per-window NLLs go to window_nll.jsonl, for `paired_perplexity.py`.
 
     python experiments/quality_time_llm.py --model MODEL.gguf --calib a.txt b.txt \
         --eval c.txt d.txt --budgets 120 600 --out experiments/results/llm
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import time
 from pathlib import Path
@@ -37,6 +39,9 @@ FIELDS = ["method", "init", "reconstruct", "pattern", "sparsity", "budget", "pru
           "perplexity", "nsamples", "seqlen", "scored_tokens", "budget_used", "error_start",
           "error_final", "steps", "accepted", "late_acceptance", "rows_visited", "targets",
           "error_dense", "order", "solver", "refit_batch_elements"]
+# the fields that tell one run from another, kept with its windows' NLLs in window_nll.jsonl
+KEY_FIELDS = ["method", "init", "pattern", "sparsity", "budget", "targets", "order", "solver",
+              "refit_batch_elements", "perplexity"]
 METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "sparsegpt+rec", "alps", "icbs",
            "icbs+rec", "icbs+refit"]
 
@@ -255,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
             writer = csv.DictWriter(handle, FIELDS)
             writer.writeheader()
             writer.writerows(rows)
+        with (out / "window_nll.jsonl").open("a") as handle:  # for paired_perplexity.py
+            handle.write(json.dumps({f: row[f] for f in KEY_FIELDS} | {
+                "text": result["text"], "window_nll": result["window_nll"]}) + "\n")
         plot(rows, out / "quality_time.png")
     if rows:  # also when every run was already in the CSV, e.g. merged from parallel runs
         plot(rows, out / "quality_time.png")

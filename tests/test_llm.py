@@ -1,7 +1,13 @@
 """The LLM pipeline on a tiny LLaMA built from a config, with a character-level tokenizer."""
 
+import csv
 import json
 import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +27,7 @@ from icbs.llm.data import (  # noqa: E402
     resolve_bos,
     tokenize,
 )
-from icbs.llm.evaluate import perplexity  # noqa: E402
+from icbs.llm.evaluate import paired_ratio, perplexity  # noqa: E402
 from icbs.llm.load import load_model  # noqa: E402
 from icbs.llm.prune import LLMPruneSettings, prune_model  # noqa: E402
 from icbs.llm.sequential import (  # noqa: E402
@@ -289,6 +295,50 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(loaded):
         model.lm_head.weight.zero_()
     windows = torch.randint(0, model.config.vocab_size, (3, 16))
     assert perplexity(model, windows, batch_size=2) == pytest.approx(model.config.vocab_size)
+
+
+def test_paired_ratio_is_the_perplexity_ratio_with_a_bootstrap_interval():
+    gen = torch.Generator().manual_seed(0)
+    a = 3 + 2 * torch.rand(200, generator=gen, dtype=torch.float64)
+    b = a + 0.01 + 0.1 * torch.randn(200, generator=gen, dtype=torch.float64)
+    result = paired_ratio(a.tolist(), b.tolist())
+    assert result["ratio"] == pytest.approx(math.exp(b.mean()) / math.exp(a.mean()))
+    assert result["b_better"] == int((b < a).sum()) and result["windows"] == 200
+    # the normal approximation: log(high / low) = 2 x 1.96 x sd(b - a) / sqrt(windows)
+    width = 2 * 1.96 * float((b - a).std()) / math.sqrt(200)
+    assert math.log(result["high"] / result["low"]) == pytest.approx(width, rel=0.1)
+    assert result["low"] < result["ratio"] < result["high"]
+    shifted = paired_ratio(a, a - 0.05)  # every resample's mean is the shift
+    assert shifted["ratio"] == shifted["low"] == pytest.approx(math.exp(-0.05))
+    assert shifted["high"] == pytest.approx(math.exp(-0.05)) and shifted["b_better"] == 200
+    with pytest.raises(ValueError, match="same windows"):
+        paired_ratio(a, a[:-1])
+
+
+def test_the_quality_time_experiment_keeps_window_nlls_that_pair_two_runs(model_dir, text_file,
+                                                                          tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(root / "experiments" / "quality_time_llm.py"),
+                    "--model", str(model_dir), "--calib", str(text_file), "--eval",
+                    str(text_file), "--settings", "per_output@0.5", "--methods", "dense",
+                    "magnitude", "--nsamples", "4", "--seqlen", "32", "--max-tokens", "256",
+                    "--out", str(out)], check=True, env=env, capture_output=True, timeout=600)
+    runs = [json.loads(line) for line in (out / "window_nll.jsonl").read_text().splitlines()]
+    rows = list(csv.DictReader((out / "quality_time.csv").open()))
+    assert [r["method"] for r in runs] == [r["method"] for r in rows] == ["dense", "magnitude"]
+    for run, row in zip(runs, rows, strict=True):
+        assert len(run["window_nll"]) == 8
+        assert math.exp(sum(run["window_nll"]) / 8) == pytest.approx(float(row["perplexity"]),
+                                                                      rel=1e-3)
+    paired = subprocess.run([sys.executable, str(root / "experiments" / "paired_perplexity.py"),
+                             str(out / "window_nll.jsonl"), "--a", "method=dense", "--b",
+                             "method=magnitude"], check=True, env=env, capture_output=True,
+                            text=True, timeout=600)
+    ratio = float(rows[1]["perplexity"]) / float(rows[0]["perplexity"])
+    assert float(re.search(r"B / A = ([0-9.]+)", paired.stdout)[1]) == pytest.approx(ratio,
+                                                                                  rel=1e-3)
 
 
 @pytest.mark.parametrize("init,pattern,reconstruct,objective", [

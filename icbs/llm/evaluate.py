@@ -34,3 +34,22 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
     """exp(mean next-token NLL) over every predicted token of every window (the windows are
     equally long, so this is exp of the mean of `window_nll`)."""
     return math.exp(float(window_nll(model, windows, batch_size, progress).mean()))
+
+
+def paired_ratio(nll_a, nll_b, resamples: int = 10000, seed: int = 0) -> dict:
+    """Model B's perplexity over model A's on the same windows (`window_nll` of each), with a
+    95% interval from a paired bootstrap over the windows (tokens within a window are not
+    independent, windows nearly are) and how many windows B predicts better."""
+    a = torch.as_tensor(nll_a, dtype=torch.float64)
+    b = torch.as_tensor(nll_b, dtype=torch.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError(f"need the NLLs of the same windows (two or more) for both models, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+    diff = b - a
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(diff), (resamples, len(diff)), generator=gen)
+    low, high = torch.quantile(diff[picks].mean(1), torch.tensor([0.025, 0.975],
+                                                                 dtype=torch.float64))
+    return {"ratio": math.exp(float(diff.mean())), "low": math.exp(float(low)),
+            "high": math.exp(float(high)), "windows": len(diff),
+            "b_better": int((diff < 0).sum())}
