@@ -19,6 +19,9 @@ from icbs.llm.evaluate import paired_ratio
 
 def pick(runs: list[dict], selector: list[str]) -> dict:
     """The one run whose fields equal every `field=value` of `selector`."""
+    bad = [item for item in selector if "=" not in item]
+    if bad:
+        raise SystemExit(f"{' '.join(bad)}: a run is chosen by FIELD=VALUE, e.g. method=alps")
     wanted = dict(item.split("=", 1) for item in selector)
     found = [r for r in runs if all(str(r.get(k)) == v for k, v in wanted.items())]
     if len(found) != 1:

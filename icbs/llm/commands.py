@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import signal
 import sys
@@ -177,7 +176,7 @@ def text_perplexity(model, tokenizer, paths, seqlen: int, max_tokens: int | None
     """Perplexity on text files with the settings that produced it; `model` is a loaded model
     or an `icbs.llm.lazy.LazyModel` (evaluated one decoder block at a time)."""
     from .data import eval_windows, read_text, resolve_bos, tokenize
-    from .evaluate import window_nll
+    from .evaluate import nll_perplexity, window_nll
     from .lazy import LazyModel
 
     bos_id = resolve_bos(tokenizer, bos)
@@ -186,7 +185,7 @@ def text_perplexity(model, tokenizer, paths, seqlen: int, max_tokens: int | None
     tic = time.perf_counter()
     nll = model.window_nll(windows, batch_size) if isinstance(model, LazyModel) else \
         window_nll(model, windows, batch_size, progress=progress)
-    return {"perplexity": math.exp(float(nll.mean())), "text": [str(p) for p in paths],
+    return {"perplexity": nll_perplexity(nll), "text": [str(p) for p in paths],
             "seqlen": seqlen, "bos": bos, "bos_token_id": bos_id, "windows": len(windows),
             "scored_tokens": len(windows) * (windows.shape[1] - 1),
             "window_nll": nll.tolist(), "seconds": time.perf_counter() - tic}

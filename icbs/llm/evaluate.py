@@ -12,9 +12,9 @@ def next_token_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """The mean NLL of every next token of each window of `batch` under `logits`, one float64
     entry per window (on the CPU)."""
     logits = logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:],
-                                            reduction="none")
-    return nll.double().mean(1).cpu()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                            batch[:, 1:].reshape(-1), reduction="none")
+    return nll.view(len(batch), -1).double().mean(1).cpu()
 
 
 @torch.no_grad()
@@ -30,10 +30,15 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 1,
     return torch.cat(parts)
 
 
+def nll_perplexity(nll: torch.Tensor) -> float:
+    """exp(mean next-token NLL) over every token of equally long windows, from their
+    `window_nll`."""
+    return math.exp(float(nll.mean()))
+
+
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = False) -> float:
-    """exp(mean next-token NLL) over every predicted token of every window (the windows are
-    equally long, so this is exp of the mean of `window_nll`)."""
-    return math.exp(float(window_nll(model, windows, batch_size, progress).mean()))
+    """exp(mean next-token NLL) over every predicted token of every window."""
+    return nll_perplexity(window_nll(model, windows, batch_size, progress))
 
 
 def paired_ratio(nll_a, nll_b, resamples: int = 10000, seed: int = 0) -> dict:
