@@ -112,7 +112,18 @@ def _line(row: dict) -> tuple[str, str, str, str, str]:
             row.get("order") or "block", row.get("solver") or _solver(row["method"], "anneal"))
 
 
+def _layer_error(row: dict) -> float | None:
+    """The summed layer error a row is judged by: against the dense model's outputs for dense
+    targets, else against the layers' outputs on the pruned model's inputs (None: not
+    measured, as for magnitude)."""
+    value = row.get("error_dense") if (row.get("targets") or "pruned") != "pruned" \
+        else row.get("error_final")
+    return float(value) if value and float(value) > 0 else None
+
+
 def plot(rows: list[dict], path: Path) -> None:
+    """Perplexity (top) and summed layer error (bottom) against pruning time, a column per
+    setting, one legend for all panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,14 +132,15 @@ def plot(rows: list[dict], path: Path) -> None:
     settings = sorted({(r["pattern"], float(r["sparsity"])) for r in rows
                        if r["method"] != "dense"})
     dense = [float(r["perplexity"]) for r in rows if r["method"] == "dense"]
-    fig, axes = plt.subplots(1, max(1, len(settings)), figsize=(5 * max(1, len(settings)), 4),
-                             squeeze=False)
-    for ax, (pattern, sparsity) in zip(axes[0], settings, strict=False):
+    columns = max(1, len(settings))
+    fig, axes = plt.subplots(2, columns, figsize=(5 * columns, 8), squeeze=False)
+    legend = {}
+    for column, (pattern, sparsity) in enumerate(settings):
         chosen = [r for r in rows if r["pattern"] == pattern and float(r["sparsity"]) == sparsity]
         for method, init, targets, order, solver in sorted({_line(r) for r in chosen},
                                                    key=lambda m: (METHODS.index(m[0]), *m[1:])):
-            pts = sorted((float(r["prune_seconds"]), float(r["perplexity"])) for r in chosen
-                         if _line(r) == (method, init, targets, order, solver))
+            line = sorted((float(r["prune_seconds"]), float(r["perplexity"]), _layer_error(r))
+                          for r in chosen if _line(r) == (method, init, targets, order, solver))
             icbs = method.startswith("icbs")
             # one colour per method across panels; an iCBS start other than its default
             # dashed, a solver other than anneal dotted; dense targets drawn with open
@@ -142,15 +154,22 @@ def plot(rows: list[dict], path: Path) -> None:
             label += "" if solver in ("", "anneal") else f", {solver}"
             if (order == "sequential") == (targets == "pruned"):  # not the default order
                 label += ", true sequential" if order == "sequential" else ", block at once"
-            ax.plot(*zip(*pts, strict=True), marker + style,
-                    color=f"C{METHODS.index(method)}", mfc="none" if targets != "pruned" else None,
-                    label=label)
+            look = dict(color=f"C{METHODS.index(method)}",
+                        mfc="none" if targets != "pruned" else None)
+            (handle,) = axes[0, column].plot([t for t, _, _ in line], [p for _, p, _ in line],
+                                             marker + style, **look)
+            legend.setdefault(label, handle)
+            measured = [(t, e) for t, _, e in line if e is not None]
+            if measured:
+                axes[1, column].plot(*zip(*measured, strict=True), marker + style, **look)
         if dense:
-            ax.axhline(dense[0], color="gray", ls="--", label="dense")
-        ax.set(title=f"{pattern} {sparsity:.0%}", xlabel="pruning time (s)", ylabel="perplexity",
-               yscale="log")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+            legend.setdefault("dense", axes[0, column].axhline(dense[0], color="gray", ls="--"))
+        axes[0, column].set(title=f"{pattern} {sparsity:.0%}", ylabel="perplexity",
+                            yscale="log")
+        axes[1, column].set(xlabel="pruning time (s)", yscale="log",
+                            ylabel="summed layer error")
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.04 + 0.022 * ((len(legend) + 3) // 4), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
