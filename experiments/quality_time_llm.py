@@ -139,8 +139,9 @@ def plot(rows: list[dict], path: Path) -> None:
         chosen = [r for r in rows if r["pattern"] == pattern and float(r["sparsity"]) == sparsity]
         for method, init, targets, order, solver in sorted({_line(r) for r in chosen},
                                                    key=lambda m: (METHODS.index(m[0]), *m[1:])):
-            line = sorted((float(r["prune_seconds"]), float(r["perplexity"]), _layer_error(r))
-                          for r in chosen if _line(r) == (method, init, targets, order, solver))
+            line = sorted(((float(r["prune_seconds"]), float(r["perplexity"]), _layer_error(r))
+                           for r in chosen if _line(r) == (method, init, targets, order, solver)),
+                          key=lambda point: point[0])  # by time: an error may be None
             icbs = method.startswith("icbs")
             # one colour per method across panels; an iCBS start other than its default
             # dashed, a solver other than anneal dotted; dense targets drawn with open

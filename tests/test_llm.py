@@ -579,3 +579,26 @@ def test_a_run_killed_three_times_and_resumed_equals_an_uninterrupted_one(model_
     with pytest.raises(SystemExit) as exit_info:
         main(args(out) + ["--resume"])
     assert exit_info.value.code == 2
+
+
+def test_the_quality_time_plot_judges_each_row_by_its_own_layer_error(tmp_path):
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    try:
+        from quality_time_llm import _layer_error, plot
+    finally:
+        sys.path.pop(0)
+    base = dict(init="", pattern="per_output", sparsity="0.5", prune_seconds="10",
+                perplexity="50", order="sequential", solver="")
+    dense_targets = dict(base, method="alps", targets="dense@0.1", error_final="3.0",
+                         error_dense="40.0")
+    plain = dict(base, method="sparsegpt", targets="", order="", error_final="5.0",
+                 error_dense="")
+    magnitude = dict(base, method="magnitude", targets="", order="", error_final="0.0",
+                     error_dense="")
+    assert _layer_error(dense_targets) == 40.0
+    assert _layer_error(plain) == 5.0
+    assert _layer_error(magnitude) is None
+    # two runs of one line at the same time and perplexity, one without a measured error
+    plot([plain, dict(plain, error_final="")], tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
