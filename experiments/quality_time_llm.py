@@ -11,7 +11,8 @@ column says which, with the target's ridge, and `error_dense` sums the layers' e
 against the dense model's outputs, comparable between runs). Rows already in the CSV are
 skipped, so an interrupted run resumes; runs split over processes (each its own --out)
 merge by concatenating their CSVs, after which a run of the script redraws the plot. Each
-run's per-window NLLs go to window_nll.jsonl, for `paired_perplexity.py`.
+run's per-window NLLs go to window_nll.jsonl, for `paired_perplexity.py`, and its layers'
+errors, block steps and seconds to layers.jsonl.
 
     python experiments/quality_time_llm.py --model MODEL.gguf --calib a.txt b.txt \
         --eval c.txt d.txt --budgets 120 600 --out experiments/results/llm
@@ -93,6 +94,15 @@ def convergence(records: list[dict]) -> dict:
         out["late_acceptance"] = round(sum(c["late_acceptance"] * c["rows_visited"]
                                            for c in conv) / max(visited, 1), 4)
     return out
+
+
+LAYER_FIELDS = ("name", "shape", "error_before", "error_after", "error_dense", "steps",
+                "accepted", "seconds_start", "seconds_icbs", "seconds_steps")
+
+
+def layer_summary(record: dict) -> dict:
+    """One layer's errors, block steps and seconds from a pruning report's record."""
+    return {f: record[f] for f in LAYER_FIELDS if f in record}
 
 
 def _solver(method: str, solver: str) -> str:
@@ -283,6 +293,9 @@ def main(argv: list[str] | None = None) -> None:
         with (out / "window_nll.jsonl").open("a") as handle:  # for paired_perplexity.py
             handle.write(json.dumps({f: row[f] for f in KEY_FIELDS} | {
                 "text": result["text"], "window_nll": result["window_nll"]}) + "\n")
+        with (out / "layers.jsonl").open("a") as handle:  # where the steps pay off
+            handle.write(json.dumps({f: row[f] for f in KEY_FIELDS} | {
+                "layers": [layer_summary(r) for r in report["layers"]]}) + "\n")
         plot(rows, out / "quality_time.png")
     if rows:  # also when every run was already in the CSV, e.g. merged from parallel runs
         plot(rows, out / "quality_time.png")

@@ -315,19 +315,35 @@ def test_paired_ratio_is_the_perplexity_ratio_with_a_bootstrap_interval():
         paired_ratio(a, a[:-1])
 
 
-def test_the_quality_time_experiment_keeps_window_nlls_that_pair_two_runs(model_dir, text_file,
-                                                                          tmp_path):
+def test_the_quality_time_experiment_keeps_window_nlls_and_layer_records(model_dir, text_file,
+                                                                         tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root))
     out = tmp_path / "out"
     subprocess.run([sys.executable, str(root / "experiments" / "quality_time_llm.py"),
                     "--model", str(model_dir), "--calib", str(text_file), "--eval",
                     str(text_file), "--settings", "per_output@0.5", "--methods", "dense",
-                    "magnitude", "--nsamples", "4", "--seqlen", "32", "--max-tokens", "256",
-                    "--out", str(out)], check=True, env=env, capture_output=True, timeout=600)
+                    "magnitude", "sparsegpt", "--nsamples", "4", "--seqlen", "32",
+                    "--max-tokens", "256", "--out", str(out)],
+                   check=True, env=env, capture_output=True, timeout=600)
     runs = [json.loads(line) for line in (out / "window_nll.jsonl").read_text().splitlines()]
     rows = list(csv.DictReader((out / "quality_time.csv").open()))
-    assert [r["method"] for r in runs] == [r["method"] for r in rows] == ["dense", "magnitude"]
+    methods = ["dense", "magnitude", "sparsegpt"]
+    assert [r["method"] for r in runs] == [r["method"] for r in rows] == methods
+    model, _ = load_model(model_dir, "cpu")
+    linears = {name for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and name != "lm_head"}
+    layer_runs = [json.loads(line) for line in (out / "layers.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in layer_runs] == methods
+    assert layer_runs[0]["layers"] == []
+    for run in layer_runs[1:]:
+        names = [layer["name"] for layer in run["layers"]]
+        assert sorted(names) == sorted(linears)
+        shapes = {name: list(dict(model.named_modules())[name].weight.shape) for name in names}
+        assert all(layer["shape"] == shapes[layer["name"]] for layer in run["layers"])
+    errors = [layer["error_after"] for layer in layer_runs[2]["layers"]]
+    assert min(errors) > 0
+    assert sum(errors) == pytest.approx(float(rows[2]["error_final"]), rel=1e-9)
     for run, row in zip(runs, rows, strict=True):
         assert len(run["window_nll"]) == 8
         assert math.exp(sum(run["window_nll"]) / 8) == pytest.approx(float(row["perplexity"]),
