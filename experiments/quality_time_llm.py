@@ -290,12 +290,14 @@ def main(argv: list[str] | None = None) -> None:
             writer = csv.DictWriter(handle, FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-        with (out / "window_nll.jsonl").open("a") as handle:  # for paired_perplexity.py
-            handle.write(json.dumps({f: row[f] for f in KEY_FIELDS} | {
-                "text": result["text"], "window_nll": result["window_nll"]}) + "\n")
-        with (out / "layers.jsonl").open("a") as handle:  # where the steps pay off
-            handle.write(json.dumps({f: row[f] for f in KEY_FIELDS} | {
-                "layers": [layer_summary(r) for r in report["layers"]]}) + "\n")
+        run_key = {f: row[f] for f in KEY_FIELDS}
+        for name, record in (
+                ("window_nll.jsonl",  # for paired_perplexity.py
+                 {"text": result["text"], "window_nll": result["window_nll"]}),
+                ("layers.jsonl",  # where the steps pay off
+                 {"layers": [layer_summary(r) for r in report["layers"]]})):
+            with (out / name).open("a") as handle:
+                handle.write(json.dumps(run_key | record) + "\n")
         plot(rows, out / "quality_time.png")
     if rows:  # also when every run was already in the CSV, e.g. merged from parallel runs
         plot(rows, out / "quality_time.png")
