@@ -31,7 +31,7 @@ import torch
 
 from icbs.llm.commands import text_perplexity
 from icbs.llm.load import choose_device, load_model, resolve_model_dir
-from icbs.llm.prune import INITS, LLMPruneSettings, prune_model
+from icbs.llm.prune import BUDGET_SHARES, INITS, LLMPruneSettings, prune_model
 from icbs.masks import parse_setting
 from icbs.refit_steps import BATCH_ELEMENTS
 from icbs.threads import set_threads
@@ -39,10 +39,10 @@ from icbs.threads import set_threads
 FIELDS = ["method", "init", "reconstruct", "pattern", "sparsity", "budget", "prune_seconds",
           "perplexity", "nsamples", "seqlen", "scored_tokens", "budget_used", "error_start",
           "error_final", "steps", "accepted", "late_acceptance", "rows_visited", "targets",
-          "error_dense", "order", "solver", "refit_batch_elements"]
+          "error_dense", "order", "solver", "refit_batch_elements", "budget_share"]
 # the fields that tell one run from another, kept with its windows' NLLs in window_nll.jsonl
 KEY_FIELDS = ["method", "init", "pattern", "sparsity", "budget", "targets", "order", "solver",
-              "refit_batch_elements", "perplexity"]
+              "refit_batch_elements", "budget_share", "perplexity"]
 METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "sparsegpt+rec", "alps", "icbs",
            "icbs+rec", "icbs+refit"]
 
@@ -58,7 +58,8 @@ def runs(args):
         common = dict(pattern=pattern, sparsity=sparsity, nsamples=args.nsamples,
                       seqlen=args.seqlen, seed=args.seed, block_size=args.block_size,
                       solver=args.solver, dense_targets=args.dense_targets,
-                      target_damp=args.target_damp, true_sequential=args.true_sequential)
+                      target_damp=args.target_damp, true_sequential=args.true_sequential,
+                      budget_share=args.budget_share)
         for method in args.methods:
             if method in ("magnitude", "wanda", "sparsegpt", "alps"):
                 yield (method, pattern, sparsity, 0.0), LLMPruneSettings(method=method, **common)
@@ -114,6 +115,12 @@ def _batch(method: str, batch_elements) -> str:
     """The refit_batch_elements column: the refit steps' batch size, empty for other methods
     (rows written before the column existed ran with the default)."""
     return str(batch_elements or BATCH_ELEMENTS) if method == "icbs+refit" else ""
+
+
+def _share(method: str, budget_share) -> str:
+    """The budget_share column: how iCBS's budget went to the layers, empty for a method
+    without block steps (rows written before the column existed shared it by weights)."""
+    return (budget_share or "weights") if method.startswith("icbs") else ""
 
 
 def _line(row: dict) -> tuple[str, str, str, str, str]:
@@ -210,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refit-batch-elements", type=int, default=BATCH_ELEMENTS,
                         help="icbs+refit: stacked-inverse entries of a batch of rows (icbs "
                              "prune --refit-batch-elements)")
+    parser.add_argument("--budget-share", default="weights", choices=BUDGET_SHARES,
+                        help="iCBS: a block's layers share its budget by weight count or by "
+                             "the block before's start errors (icbs prune --budget-share)")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=16384, help="evaluated tokens")
@@ -246,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     done = {(r["method"], r["init"], r["pattern"], float(r["sparsity"]), float(r["budget"]),
              r.get("targets") or "pruned", r.get("order") or "block",
              r.get("solver") or _solver(r["method"], "anneal"),
-             _batch(r["method"], r.get("refit_batch_elements"))) for r in rows}
+             _batch(r["method"], r.get("refit_batch_elements")),
+             _share(r["method"], r.get("budget_share"))) for r in rows}
     device = choose_device(args.device)
     model_dir = resolve_model_dir(args.model)
     for key, settings in runs(args):
@@ -254,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
         init = settings.init if method.startswith("icbs") else ""
         if (method, init, pattern, sparsity, budget, targets, order,
                 _solver(method, args.solver),
-                _batch(method, args.refit_batch_elements)) in done:
+                _batch(method, args.refit_batch_elements),
+                _share(method, args.budget_share)) in done:
             continue
         model, tokenizer = load_model(model_dir, device)
         tic = time.perf_counter()
@@ -283,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
                    **convergence(report["layers"]), targets=targets,
                    error_dense=sum(r.get("error_dense", 0.0) for r in report["layers"]),
                    order=order, solver=_solver(method, args.solver),
-                   refit_batch_elements=_batch(method, args.refit_batch_elements))
+                   refit_batch_elements=_batch(method, args.refit_batch_elements),
+                   budget_share=_share(method, args.budget_share))
         rows.append({k: str(v) for k, v in row.items()})
         print(",".join(str(row[f]) for f in FIELDS), flush=True)
         with csv_path.open("w", newline="") as handle:

@@ -86,8 +86,7 @@ def prune_layer_by_layer(
     layers = find_prunable(model, config.include, config.exclude, pattern, config.sparsity,
                            grouped=True)
     batches = load_batches(calibration, layers[0].w0.device)
-    total = sum(layer.numel for layer in layers)
-    pruner = LayerPruner(config, total)
+    pruner = LayerPruner(config, [layer.shape for layer in layers])
     was_training = model.training
     model.eval()
     try:
@@ -101,7 +100,7 @@ def prune_layer_by_layer(
         raise
     finally:
         model.train(was_training)
-    return {"settings": config.to_dict(), "layers": records, "prunable_weights": total,
-            "sparsity": overall_sparsity(records), "masks": pruner.masks,
-            "seconds": time.perf_counter() - tic,
+    return {"settings": config.to_dict(), "layers": records,
+            "prunable_weights": pruner.total_weights, "sparsity": overall_sparsity(records),
+            "masks": pruner.masks, "seconds": time.perf_counter() - tic,
             "budget_used": sum(r.get("seconds_steps", 0.0) for r in records)}

@@ -9,8 +9,9 @@ blocks of a causal LM).
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ from .threads import set_threads
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "alps", "icbs")
 INITS = ("wanda", "sparsegpt", "alps")
+BUDGET_SHARES = ("weights", "error")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class SequentialSettings(PruneSettings):
     mask_damp: float = 0.1  # iCBS mask steps: ridge on H, fraction of mean(diag H)
     objective: str = "layerwise"  # iCBS block steps: "layerwise" (kept weights frozen), "refit"
     steps: int | None = None  # iCBS block steps over the whole model instead of `budget`
+    budget_share: str = "weights"  # a layer's part of the budget: by its weight count, or
+    # by the start error of the layer in its place in the block before ("error")
     batched_steps: bool = False  # layerwise steps: a block in each row of a batch at once
     dense_targets: bool = False  # fit each layer to the dense model's outputs
     target_damp: float = 0.1  # dense targets: ridge toward the dense weights, x mean(diag H)
@@ -59,6 +63,7 @@ class SequentialSettings(PruneSettings):
         one_of("method", self.method, METHODS)
         one_of("objective", self.objective, OBJECTIVES)
         one_of("init", self.init, INITS)
+        one_of("budget_share", self.budget_share, BUDGET_SHARES)
         integer_at_least("sparsegpt_columns", self.sparsegpt_columns, 1)
         integer_at_least("refit_batch_elements", self.refit_batch_elements, 1)
         if self.steps is not None:
@@ -81,6 +86,12 @@ def overall_sparsity(records: list[dict]) -> float:
     """The pruned fraction of all the weights in `LayerPruner` records."""
     sizes = [r["shape"][0] * r["shape"][1] for r in records]
     return sum(r["sparsity"] * n for r, n in zip(records, sizes, strict=True)) / sum(sizes)
+
+
+def _place(name: str) -> str:
+    """A layer's place in its block: its name with the block index (a number between dots)
+    left out, e.g. model.layers.#.mlp.down_proj."""
+    return re.sub(r"\.\d+\.", ".#.", name)
 
 
 class Interrupted(Exception):
@@ -204,25 +215,31 @@ class LayerPruner:
 
     A block's layers are independent jobs (`prune_weight`) for the `executor`
     (`icbs.distributed`; default: one after another in this process). iCBS's budget is
-    shared out over the layers by weight count and multiplied by the executor's
-    parallelism, so that the wall time over the model stays about `budget` however many
-    workers run the jobs; a step budget (`settings.steps`) is shared out the same way but
-    not multiplied, so the result does not depend on the workers. Layers in `restored` (name
-    -> (weight, mask, record), from a checkpoint) are set to their saved result instead of
-    being pruned again; `on_layer(name, weight, mask, record)` is called after each newly
-    pruned layer (to checkpoint it). Paired statistics (`InputCovariance.cross`) make each
-    layer's method prune toward `dense_target` instead of the layer's weights; its errors are
-    measured from that target, and `error_dense` against the dense model's outputs. `masks`
-    holds every layer's mask unless `keep_masks` is off (a run that checkpoints them and
-    holds one block at a time). Setting
+    shared out over the layers by weight count (`shapes` holds every prunable layer's (rows,
+    cols)) or, with `budget_share="error"`, by the start error of the layer in the same
+    place of the block before (`_place`: the name without its block index), over the mean
+    error per weight of that block (the first block goes by weight count), and multiplied
+    by the executor's parallelism, so that the wall time over the model stays about
+    `budget` however many workers run the jobs; a step budget (`settings.steps`) is
+    shared out the same way but not multiplied, so the result does not depend on the
+    workers. Layers in `restored` (name -> (weight, mask, record), from a checkpoint) are
+    set to their saved result instead of being pruned again; `on_layer(name, weight, mask,
+    record)` is called after each newly pruned layer (to checkpoint it). Paired statistics
+    (`InputCovariance.cross`) make each layer's method prune toward `dense_target` instead
+    of the layer's weights; its errors are measured from that target, and `error_dense`
+    against the dense model's outputs. `masks` holds every layer's mask unless `keep_masks`
+    is off (a run that checkpoints them and holds one block at a time). Setting
     `stop_requested` makes the next block (or layer) boundary raise `Interrupted`."""
 
-    def __init__(self, settings: SequentialSettings, total_weights: int,
+    def __init__(self, settings: SequentialSettings, shapes: Sequence[tuple[int, int]],
                  restored: Mapping | None = None, on_layer: Callable | None = None,
                  executor=None, keep_masks: bool = True):
         self.settings = settings
         self.pattern = parse_pattern(settings.pattern)
-        self.total_weights = total_weights
+        self.total_weights = sum(rows * cols for rows, cols in shapes)
+        # place -> (start error, weights) of the layers pruned: in this block, the block before
+        self.this_block: dict[str, tuple[float, int]] = {}
+        self.block_before: dict[str, tuple[float, int]] = {}
         self.masks: dict[str, torch.Tensor] = {}
         self.restored = restored or {}
         self.on_layer = on_layer
@@ -230,11 +247,28 @@ class LayerPruner:
         self.keep_masks = keep_masks
         self.stop_requested = False
 
-    def _budget(self, weights: int) -> tuple[float | None, int | None]:
+    def _budget(self, name: str, w0: torch.Tensor) -> tuple[float | None, int | None]:
+        """(seconds, steps) of iCBS for the (rows, cols) weights `w0`, all or some rows of
+        layer `name`: their share of the run's budget."""
         s = self.settings
+        share = w0.numel() / self.total_weights
+        place = _place(name)
+        if s.budget_share == "error" and (place in self.this_block or place in self.block_before):
+            block = self.this_block if place in self.this_block else self.block_before
+            error, weights = (sum(x) for x in zip(*block.values(), strict=True))
+            if error > 0:
+                share *= block[place][0] / block[place][1] / (error / weights)
         if s.steps is not None:
-            return None, max(1, round(s.steps * weights / self.total_weights))
-        return s.budget * weights / self.total_weights * self.executor.parallel, None
+            return None, max(1, round(s.steps * share))
+        return s.budget * share * self.executor.parallel, None
+
+    def _remember(self, name: str, record: dict) -> None:
+        """Keep a pruned layer's start error for the layer in its place in the next block."""
+        place = _place(name)
+        if place in self.this_block:  # a new block began
+            self.block_before, self.this_block = self.this_block, {}
+        self.this_block[place] = (record.get("error_before", 0.0),
+                                  record["shape"][0] * record["shape"][1])
 
     def __call__(self, name: str, module: nn.Module,
                  cov: InputCovariance | list[InputCovariance] | None) -> dict:
@@ -282,6 +316,8 @@ class LayerPruner:
                     self.on_layer(name, module.weight, mask.cpu(), record)
         if self.stop_requested and not one_by_one:
             raise Interrupted(next(reversed(layers)))
+        for name in layers:
+            self._remember(name, records[name])
         return [records[name] for name in layers]
 
     def _parts(self, w0s: dict[str, torch.Tensor], stats: dict) -> dict[str, int]:
@@ -309,13 +345,13 @@ class LayerPruner:
         for name, w0 in w0s.items():
             if name not in starts:
                 jobs.append(("prune", self.settings, w0, stats.get(name),
-                             *self._budget(w0.numel())))
+                             *self._budget(name, w0)))
                 owners.append((name, None))
                 continue
             weight, mask, _ = starts[name]
             for rows in torch.arange(len(w0)).tensor_split(parts[name]):
                 jobs.append(("improve", self.settings, w0[rows], stats[name].hessian,
-                             weight[rows], mask[rows], *self._budget(w0[rows].numel())))
+                             weight[rows], mask[rows], *self._budget(name, w0[rows])))
                 owners.append((name, len(rows)))
         done = self.executor.map(layer_job, jobs, sizes=[job[2].numel() for job in jobs])
         results = {}

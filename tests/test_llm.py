@@ -386,6 +386,31 @@ def test_icbs_improves_each_layer_from_its_start(loaded, text_file, init, patter
         r["error_before"] for r in report["layers"])
 
 
+@pytest.mark.parametrize("share,dense_targets", [("weights", False), ("error", False),
+                                                ("error", True)])  # True: group by group
+def test_the_step_budget_goes_to_blocks_by_weights_and_within_them_by_share(
+        loaded, text_file, share, dense_targets):
+    model, tokenizer = loaded
+    steps = 1400
+    settings = LLMPruneSettings(method="icbs", pattern="per_output", nsamples=4, seqlen=32,
+                                steps=steps, block_size=16, budget_share=share,
+                                dense_targets=dense_targets)
+    report = prune_model(model, tokenizer, settings, [text_file], progress=False)
+    blocks = [[r for r in report["layers"] if f".layers.{b}." in r["name"]] for b in (0, 1)]
+    total = sum(r["shape"][0] * r["shape"][1] for r in report["layers"])
+
+    def split(block, by):  # each layer's steps: the block's weight share split `by`
+        weights = sum(r["shape"][0] * r["shape"][1] for r in block)
+        return [max(1, round(steps * weights / total * x / sum(by))) for x in by]
+
+    by_weight = [[r["shape"][0] * r["shape"][1] for r in block] for block in blocks]
+    assert [r["steps"] for r in blocks[0]] == split(blocks[0], by_weight[0])
+    errors = [r["error_before"] for r in blocks[0]]  # the first block's start errors
+    expected = split(blocks[1], errors if share == "error" else by_weight[1])
+    assert [r["steps"] for r in blocks[1]] == expected
+    assert split(blocks[1], errors) != split(blocks[1], by_weight[1])  # the two differ here
+
+
 def test_mask_damp_reports_errors_on_the_undamped_hessian():
     from icbs.baselines import wanda_mask
     from icbs.layerwise import improve_layer

@@ -18,7 +18,7 @@ from ..layerwise import OBJECTIVES
 from ..masks import PATTERN_HELP
 from ..refit_steps import BATCH_ELEMENTS
 from .data import BOS_CHOICES
-from .prune import INITS, METHODS, LLMPruneSettings
+from .prune import BUDGET_SHARES, INITS, METHODS, LLMPruneSettings
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ def add_commands(subparsers) -> None:
                        help="iCBS block steps over the whole model instead of --budget "
                             "(shared out by weight count; the result does not depend on time "
                             "or workers)")
+    prune.add_argument("--budget-share", choices=BUDGET_SHARES, default="weights",
+                       help="a decoder block's layers share its part of the iCBS budget by "
+                            "weight count (weights, default) or by the start errors of the "
+                            "layers in the same places of the block before (error)")
     prune.add_argument("--workers", type=int, default=None,
                        help="prune a decoder block's layers in parallel on this many Ray "
                             "workers (a local Ray instance; needs the distributed extra)")
@@ -208,7 +212,8 @@ def run_prune(args) -> None:
         batch_size=8 if args.batch_size is None else args.batch_size, bos=args.bos,
         objective=args.objective, steps=args.steps, batched_steps=args.batched_steps,
         refit_batch_elements=args.refit_batch_elements, dense_targets=args.dense_targets,
-        target_damp=args.target_damp, true_sequential=args.true_sequential)
+        target_damp=args.target_damp, true_sequential=args.true_sequential,
+        budget_share=args.budget_share)
     flag_at_least("--workers", args.workers, 1)
     if args.workers is not None and args.ray_address is not None:
         raise ValueError("give --workers (a local Ray instance) or --ray-address (a cluster), "
@@ -240,8 +245,8 @@ def run_prune(args) -> None:
     executor = make_executor(args.workers, args.ray_address)
     made = []
 
-    def layer_pruner(settings, total_weights):
-        made.append(LayerPruner(settings, total_weights, restored=restored,
+    def layer_pruner(settings, shapes):
+        made.append(LayerPruner(settings, shapes, restored=restored,
                                 on_layer=run.save_layer, executor=executor, keep_masks=False))
         return made[0]
 

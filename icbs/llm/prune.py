@@ -11,6 +11,7 @@ from torch import nn
 
 from ..checks import integer_at_least, one_of
 from ..layer_pruning import (
+    BUDGET_SHARES,
     INITS,
     METHODS,
     Interrupted,
@@ -22,8 +23,8 @@ from ..masks import check_layer, parse_pattern
 from .data import BOS_CHOICES, calibration_windows, read_text, resolve_bos, tokenize
 from .sequential import decoder_blocks, prune_sequential, select_linears
 
-__all__ = ["INITS", "METHODS", "Interrupted", "LLMPruneSettings", "LayerPruner", "prune_model",
-           "prunable_layers"]
+__all__ = ["BUDGET_SHARES", "INITS", "METHODS", "Interrupted", "LLMPruneSettings", "LayerPruner",
+           "prune_model", "prunable_layers"]
 
 
 @dataclass(frozen=True)
@@ -57,15 +58,15 @@ def prunable_layers(model: nn.Module, settings: LLMPruneSettings) -> dict[str, n
 
 def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
                 calib_paths: Sequence[str] = (), progress: bool = False,
-                layer_pruner: Callable[[LLMPruneSettings, int], LayerPruner] = LayerPruner,
+                layer_pruner: Callable[[LLMPruneSettings, list], LayerPruner] = LayerPruner,
                 load_block: Callable[[int], None] | None = None,
                 block_done: Callable[[int], None] | None = None) -> dict:
     """Prune `model` in place; returns the report (settings, per-layer records, times) with
-    the masks under the key "masks" (name -> bool tensor). `layer_pruner(settings,
-    total_weights)` makes the layers' callback (a resumed run passes one that restores
-    checkpointed layers and checkpoints new ones; a distributed run one with a Ray
-    executor). `load_block` / `block_done`: see `prune_sequential` (a model held one block
-    at a time, `icbs.llm.lazy.LazyModel`)."""
+    the masks under the key "masks" (name -> bool tensor). `layer_pruner(settings, shapes)`
+    (shapes: every prunable layer's (rows, cols)) makes the layers' callback (a resumed run
+    passes one that restores checkpointed layers and checkpoints new ones; a distributed run
+    one with a Ray executor). `load_block` / `block_done`: see `prune_sequential` (a model
+    held one block at a time, `icbs.llm.lazy.LazyModel`)."""
     pattern = parse_pattern(settings.pattern)
     layers = prunable_layers(model, settings)
     if not layers:
@@ -83,7 +84,7 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
         windows = calibration_windows(tokens, settings.nsamples, settings.seqlen, settings.seed,
                                       bos_id)
     times["data"] = time.perf_counter() - tic
-    pruner = layer_pruner(settings, sum(layer.weight.numel() for layer in layers.values()))
+    pruner = layer_pruner(settings, [tuple(layer.weight.shape) for layer in layers.values()])
     tic = time.perf_counter()
     records = prune_sequential(model, windows, pruner.prune_block, include=settings.include,
                                exclude=settings.exclude, batch_size=settings.batch_size,
