@@ -123,10 +123,12 @@ def _share(method: str, budget_share) -> str:
     return (budget_share or "weights") if method.startswith("icbs") else ""
 
 
-def _line(row: dict) -> tuple[str, str, str, str, str]:
-    """(method, init, targets, order, solver) of a CSV row: the runs one plotted line joins."""
+def _line(row: dict) -> tuple[str, str, str, str, str, str]:
+    """(method, init, targets, order, solver, budget share) of a CSV row: the runs one
+    plotted line joins."""
     return (row["method"], row["init"], row.get("targets") or "pruned",
-            row.get("order") or "block", row.get("solver") or _solver(row["method"], "anneal"))
+            row.get("order") or "block", row.get("solver") or _solver(row["method"], "anneal"),
+            _share(row["method"], row.get("budget_share")))
 
 
 def _layer_error(row: dict) -> float | None:
@@ -154,22 +156,24 @@ def plot(rows: list[dict], path: Path) -> None:
     legend = {}
     for column, (pattern, sparsity) in enumerate(settings):
         chosen = [r for r in rows if r["pattern"] == pattern and float(r["sparsity"]) == sparsity]
-        for method, init, targets, order, solver in sorted({_line(r) for r in chosen},
-                                                   key=lambda m: (METHODS.index(m[0]), *m[1:])):
+        for key in sorted({_line(r) for r in chosen},
+                          key=lambda m: (METHODS.index(m[0]), *m[1:])):
+            method, init, targets, order, solver, share = key
             line = sorted(((float(r["prune_seconds"]), float(r["perplexity"]), _layer_error(r))
-                           for r in chosen if _line(r) == (method, init, targets, order, solver)),
+                           for r in chosen if _line(r) == key),
                           key=lambda point: point[0])  # by time: an error may be None
             icbs = method.startswith("icbs")
             # one colour per method across panels; an iCBS start other than its default
             # dashed, a solver other than anneal dotted; dense targets drawn with open
-            # diamonds, true-sequential order with triangles
+            # diamonds (stars: the budget shared by error), true-sequential order with triangles
             style = (":" if solver not in ("", "anneal") else
                      "--" if init != DEFAULT_INITS[method] else "-") if icbs else ""
-            marker = ("D" if targets != "pruned" else "^" if order == "sequential"
-                      else "o" if icbs else "s")
+            marker = ("*" if share == "error" else "D" if targets != "pruned" else
+                      "^" if order == "sequential" else "o" if icbs else "s")
             label = f"{method} from {init}" if icbs else method
             label += "" if targets == "pruned" else f", targets {targets}"
             label += "" if solver in ("", "anneal") else f", {solver}"
+            label += ", budget by error" if share == "error" else ""
             if (order == "sequential") == (targets == "pruned"):  # not the default order
                 label += ", true sequential" if order == "sequential" else ", block at once"
             look = dict(color=f"C{METHODS.index(method)}",
