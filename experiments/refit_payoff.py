@@ -75,8 +75,8 @@ def main(argv=None):
         weight, mask = alps_prune(w0, h, sparsity, pattern)
         error_alps, heldout_alps = errors(weight)
         for scale in args.scales:
-            rows, cols = shapes[name]
-            seconds = args.budget * rows * cols / total * scale
+            height, width = shapes[name]
+            seconds = args.budget * height * width / total * scale
             tic = time.perf_counter()
             result = improve_layer(w0, h, mask, weight=weight, pattern=pattern,
                                    sparsity=sparsity, seconds=seconds,
@@ -84,7 +84,7 @@ def main(argv=None):
                                    mask_damp=0.1, damp=0.01)
             took = time.perf_counter() - tic
             error, heldout = errors(result.weight)
-            row = dict(layer=name.split("layers.")[-1], shape=f"{rows}x{cols}",
+            row = dict(layer=name.split("layers.")[-1], shape=f"{height}x{width}",
                        pattern=pattern, sparsity=sparsity, scale=scale,
                        seconds_budget=round(seconds, 2), seconds=round(took, 2),
                        steps=result.steps, error_alps=round(error_alps, 4),

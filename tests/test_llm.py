@@ -355,6 +355,27 @@ def test_the_quality_time_experiment_keeps_window_nlls_and_layer_records(model_d
                                                                                   rel=1e-3)
 
 
+def test_the_payoff_experiment_measures_every_layer_of_the_block_at_every_scale(
+        model_dir, text_file, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "experiments" / "refit_payoff.py"),
+                    "--model", str(model_dir), "--calib", str(text_file), "--heldout",
+                    str(text_file), "--block", "1", "--budget", "2", "--scales", "0.5", "1",
+                    "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path)],
+                   check=True, env=dict(os.environ, PYTHONPATH=str(root)),
+                   capture_output=True, timeout=600)
+    rows = list(csv.DictReader((tmp_path / "refit_payoff.csv").open()))
+    model, _ = load_model(model_dir, "cpu")
+    block = [name.split("layers.")[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and ".layers.1." in name]
+    assert [(r["layer"], float(r["scale"])) for r in rows] == [
+        (name, scale) for name in block for scale in (0.5, 1.0)]
+    for r in rows:  # held out on the calibration text itself: the same statistics
+        assert float(r["heldout"]) == pytest.approx(float(r["error"]), rel=1e-5)
+        assert float(r["heldout_alps"]) == pytest.approx(float(r["error_alps"]), rel=1e-5)
+        assert int(r["steps"]) > 0
+
+
 @pytest.mark.parametrize("init,pattern,reconstruct,objective", [
     ("wanda", "per_output", False, "layerwise"),
     ("sparsegpt", "2:4", True, "layerwise"),
