@@ -55,8 +55,9 @@ def main(argv=None):
     set_threads(args.threads)
     pattern, sparsity = parse_setting(args.setting)
     model, tokenizer = load_model(resolve_model_dir(args.model), "cpu")
+    defaults = LLMPruneSettings()  # the ridges of `icbs prune`'s steps and refit
     shapes = {name: tuple(layer.weight.shape) for name, layer in prunable_layers(
-        model, LLMPruneSettings()).items()}
+        model, defaults).items()}
     total = sum(r * c for r, c in shapes.values())
     names = [n for n in shapes if f".layers.{args.block}." in n]
     stats = capture(model, tokenizer, args.calib, names, args.nsamples, args.seqlen, 0)
@@ -72,16 +73,16 @@ def main(argv=None):
             return (float(reconstruction_error(w0, weight, h).sum()),
                     float(reconstruction_error(w0, weight, h_held).sum()))
 
-        weight, mask = alps_prune(w0, h, sparsity, pattern)
+        weight, mask = alps_prune(w0, h, sparsity, pattern, damp=defaults.percdamp)
         error_alps, heldout_alps = errors(weight)
+        height, width = shapes[name]
         for scale in args.scales:
-            height, width = shapes[name]
             seconds = args.budget * height * width / total * scale
             tic = time.perf_counter()
             result = improve_layer(w0, h, mask, weight=weight, pattern=pattern,
                                    sparsity=sparsity, seconds=seconds,
                                    block_size=args.block_size, objective="refit",
-                                   mask_damp=0.1, damp=0.01)
+                                   mask_damp=defaults.mask_damp, damp=defaults.percdamp)
             took = time.perf_counter() - tic
             error, heldout = errors(result.weight)
             row = dict(layer=name.split("layers.")[-1], shape=f"{height}x{width}",

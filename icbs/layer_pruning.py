@@ -253,8 +253,8 @@ class LayerPruner:
         s = self.settings
         share = w0.numel() / self.total_weights
         place = _place(name)
-        if s.budget_share == "error" and (place in self.this_block or place in self.block_before):
-            block = self.this_block if place in self.this_block else self.block_before
+        block = self.this_block if place in self.this_block else self.block_before
+        if s.budget_share == "error" and place in block:
             error, weights = (sum(x) for x in zip(*block.values(), strict=True))
             if error > 0:
                 share *= block[place][0] / block[place][1] / (error / weights)

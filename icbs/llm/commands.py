@@ -59,7 +59,7 @@ def add_commands(subparsers) -> None:
                             "with workers, wall seconds: each worker gets this much)")
     prune.add_argument("--steps", type=int, default=None,
                        help="iCBS block steps over the whole model instead of --budget "
-                            "(shared out by weight count; the result does not depend on time "
+                            "(shared out as the budget is; the result does not depend on time "
                             "or workers)")
     prune.add_argument("--budget-share", choices=BUDGET_SHARES, default="weights",
                        help="a decoder block's layers share its part of the iCBS budget by "
