@@ -165,15 +165,18 @@ def plot(rows: list[dict], path: Path) -> None:
             icbs = method.startswith("icbs")
             # one colour per method across panels; an iCBS start other than its default
             # dashed, a solver other than anneal dotted; dense targets drawn with open
-            # diamonds (stars: the budget shared by error), true-sequential order with triangles
+            # diamonds (stars: the budget shared by error, pentagons: the blocks' too),
+            # true-sequential order with triangles
             style = (":" if solver not in ("", "anneal") else
                      "--" if init != DEFAULT_INITS[method] else "-") if icbs else ""
-            marker = ("*" if share == "error" else "D" if targets != "pruned" else
+            marker = ("*" if share == "error" else "p" if share == "error+blocks" else
+                      "D" if targets != "pruned" else
                       "^" if order == "sequential" else "o" if icbs else "s")
             label = f"{method} from {init}" if icbs else method
             label += "" if targets == "pruned" else f", targets {targets}"
             label += "" if solver in ("", "anneal") else f", {solver}"
-            label += ", budget by error" if share == "error" else ""
+            label += {"error": ", budget by error",
+                      "error+blocks": ", budget by error, blocks too"}.get(share, "")
             if (order == "sequential") == (targets == "pruned"):  # not the default order
                 label += ", true sequential" if order == "sequential" else ", block at once"
             look = dict(color=f"C{METHODS.index(method)}",
@@ -223,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
                              "prune --refit-batch-elements)")
     parser.add_argument("--budget-share", default="weights", choices=BUDGET_SHARES,
                         help="iCBS: a block's layers share its budget by weight count or by "
-                             "the block before's start errors (icbs prune --budget-share)")
+                             "the block before's start errors, and with error+blocks the "
+                             "blocks by forecast errors (icbs prune --budget-share)")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=16384, help="evaluated tokens")

@@ -30,7 +30,7 @@ from .threads import set_threads
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "alps", "icbs")
 INITS = ("wanda", "sparsegpt", "alps")
-BUDGET_SHARES = ("weights", "error")
+BUDGET_SHARES = ("weights", "error", "error+blocks")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ class SequentialSettings(PruneSettings):
     objective: str = "layerwise"  # iCBS block steps: "layerwise" (kept weights frozen), "refit"
     steps: int | None = None  # iCBS block steps over the whole model instead of `budget`
     budget_share: str = "weights"  # a layer's part of the budget: by its weight count, or
-    # by the start error of the layer in its place in the block before ("error")
+    # by the start error of the layer in its place in the block before ("error"), and the
+    # blocks' parts by a forecast of their errors ("error+blocks", LLMs: `block_forecast`)
     batched_steps: bool = False  # layerwise steps: a block in each row of a batch at once
     dense_targets: bool = False  # fit each layer to the dense model's outputs
     target_damp: float = 0.1  # dense targets: ridge toward the dense weights, x mean(diag H)
@@ -218,7 +219,10 @@ class LayerPruner:
     shared out over the layers by weight count (`shapes` holds every prunable layer's (rows,
     cols)) or, with `budget_share="error"`, by the start error of the layer in the same
     place of the block before (`_place`: the name without its block index), over the mean
-    error per weight of that block (the first block goes by weight count), and multiplied
+    error per weight of that block (the first block goes by weight count); with
+    `block_forecast` (block prefix -> (forecast error, weights), set for "error+blocks" by
+    `icbs.llm.prune.prune_model`) a block's part is its forecast error's, not its weights'
+    share of the model's; the shares are multiplied
     by the executor's parallelism, so that the wall time over the model stays about
     `budget` however many workers run the jobs; a step budget (`settings.steps`) is
     shared out the same way but not multiplied, so the result does not depend on the
@@ -240,6 +244,7 @@ class LayerPruner:
         # place -> (start error, weights) of the layers pruned: in this block, the block before
         self.this_block: dict[str, tuple[float, int]] = {}
         self.block_before: dict[str, tuple[float, int]] = {}
+        self.block_forecast: dict[str, tuple[float, int]] = {}
         self.masks: dict[str, torch.Tensor] = {}
         self.restored = restored or {}
         self.on_layer = on_layer
@@ -254,10 +259,16 @@ class LayerPruner:
         share = w0.numel() / self.total_weights
         place = _place(name)
         block = self.this_block if place in self.this_block else self.block_before
-        if s.budget_share == "error" and place in block:
+        if s.budget_share != "weights" and place in block:
             error, weights = (sum(x) for x in zip(*block.values(), strict=True))
             if error > 0:
                 share *= block[place][0] / block[place][1] / (error / weights)
+        if self.block_forecast:
+            error, weights = next(v for k, v in self.block_forecast.items()
+                                  if name.startswith(k))
+            total = sum(e for e, _ in self.block_forecast.values())
+            if total > 0:
+                share *= error / total / (weights / self.total_weights)
         if s.steps is not None:
             return None, max(1, round(s.steps * share))
         return s.budget * share * self.executor.parallel, None

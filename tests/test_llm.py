@@ -408,8 +408,9 @@ def test_icbs_improves_each_layer_from_its_start(loaded, text_file, init, patter
 
 
 @pytest.mark.parametrize("share,dense_targets", [("weights", False), ("error", False),
-                                                ("error", True)])  # True: group by group
-def test_the_step_budget_goes_to_blocks_by_weights_and_within_them_by_share(
+                                                ("error", True),  # True: group by group
+                                                ("error+blocks", True)])
+def test_the_step_budget_goes_to_blocks_by_weights_or_forecast_and_within_them_by_share(
         loaded, text_file, share, dense_targets):
     model, tokenizer = loaded
     steps = 1400
@@ -420,16 +421,69 @@ def test_the_step_budget_goes_to_blocks_by_weights_and_within_them_by_share(
     blocks = [[r for r in report["layers"] if f".layers.{b}." in r["name"]] for b in (0, 1)]
     total = sum(r["shape"][0] * r["shape"][1] for r in report["layers"])
 
-    def split(block, by):  # each layer's steps: the block's weight share split `by`
+    forecast = list(report["block_forecast"].values())
+    assert len(forecast) == (2 if share == "error+blocks" else 0)
+
+    def split(index, by):  # each layer's steps: the block's share split `by`
+        block = blocks[index]
         weights = sum(r["shape"][0] * r["shape"][1] for r in block)
-        return [max(1, round(steps * weights / total * x / sum(by))) for x in by]
+        part = forecast[index] / sum(forecast) if forecast else weights / total
+        return [max(1, round(steps * part * x / sum(by))) for x in by]
 
     by_weight = [[r["shape"][0] * r["shape"][1] for r in block] for block in blocks]
-    assert [r["steps"] for r in blocks[0]] == split(blocks[0], by_weight[0])
+    assert [r["steps"] for r in blocks[0]] == split(0, by_weight[0])
     errors = [r["error_before"] for r in blocks[0]]  # the first block's start errors
-    expected = split(blocks[1], errors if share == "error" else by_weight[1])
+    expected = split(1, by_weight[1] if share == "weights" else errors)
     assert [r["steps"] for r in blocks[1]] == expected
-    assert split(blocks[1], errors) != split(blocks[1], by_weight[1])  # the two differ here
+    assert split(1, errors) != split(1, by_weight[1])  # the two differ here
+
+
+@pytest.mark.parametrize("pattern", ["per_output", "2:4", "unstructured"])
+def test_the_block_error_forecast_is_wandas_error_on_the_dense_models_inputs(loaded, pattern):
+    from icbs.llm.error_forecast import forecast_block_errors
+
+    model, _ = loaded
+    windows = torch.randint(3, 60, (3, 24), generator=torch.Generator().manual_seed(1))
+    squares, tokens = {}, {}
+
+    def hook(name):
+        def record(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            squares[name] = squares.get(name, 0) + (x * x).sum(0)
+            tokens[name] = tokens.get(name, 0) + len(x)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    with torch.no_grad():  # the whole model at once, one window at a time
+        for window in windows:
+            model(input_ids=window[None])
+    for handle in handles:
+        handle.remove()
+    expected = {}
+    for name, module in model.named_modules():
+        if name not in squares:
+            continue
+        w = module.weight.detach().double()
+        ms = squares[name] / tokens[name]
+        rows, cols = w.shape
+        groups = ([[(r, c) for r in range(rows) for c in range(cols)]]
+                  if pattern == "unstructured" else
+                  [[(r, c) for c in range(cols)] for r in range(rows)]
+                  if pattern == "per_output" else
+                  [[(r, c + j) for j in range(4)] for r in range(rows) for c in range(0, cols, 4)])
+        error = 0.0
+        for group in groups:  # prune the half with the smallest |w| sqrt(ms), summing w^2 ms
+            ranked = sorted(group, key=lambda rc: abs(float(w[rc])) * math.sqrt(ms[rc[1]]))
+            error += sum(float(w[rc]) ** 2 * float(ms[rc[1]]) for rc in ranked[:len(group) // 2])
+        block = name[:name.index(".", name.index(".layers.") + 8) + 1]
+        expected[block] = expected.get(block, 0.0) + error
+    forecast = forecast_block_errors(model, windows, 0.5, pattern, batch_size=2)
+    assert list(forecast) == ["model.layers.0.", "model.layers.1."]
+    for block, (error, weights) in forecast.items():
+        assert error == pytest.approx(expected[block], rel=1e-4)
+        assert weights == sum(m.weight.numel() for n, m in model.named_modules()
+                              if n.startswith(block) and isinstance(m, torch.nn.Linear))
 
 
 def test_mask_damp_reports_errors_on_the_undamped_hessian():

@@ -64,7 +64,9 @@ def add_commands(subparsers) -> None:
     prune.add_argument("--budget-share", choices=BUDGET_SHARES, default="weights",
                        help="a decoder block's layers share its part of the iCBS budget by "
                             "weight count (weights, default) or by the start errors of the "
-                            "layers in the same places of the block before (error)")
+                            "layers in the same places of the block before (error); "
+                            "error+blocks also shares the budget over the blocks by a "
+                            "forecast of their errors (Wanda's on the dense model)")
     prune.add_argument("--workers", type=int, default=None,
                        help="prune a decoder block's layers in parallel on this many Ray "
                             "workers (a local Ray instance; needs the distributed extra)")

@@ -21,6 +21,7 @@ from ..layer_pruning import (
 )
 from ..masks import check_layer, parse_pattern
 from .data import BOS_CHOICES, calibration_windows, read_text, resolve_bos, tokenize
+from .error_forecast import FORECAST_WINDOWS, forecast_block_errors
 from .sequential import decoder_blocks, prune_sequential, select_linears
 
 __all__ = ["BUDGET_SHARES", "INITS", "METHODS", "Interrupted", "LLMPruneSettings", "LayerPruner",
@@ -85,6 +86,13 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
                                       bos_id)
     times["data"] = time.perf_counter() - tic
     pruner = layer_pruner(settings, [tuple(layer.weight.shape) for layer in layers.values()])
+    if settings.method == "icbs" and settings.budget_share == "error+blocks":
+        tic = time.perf_counter()
+        pruner.block_forecast = forecast_block_errors(
+            model, windows[:FORECAST_WINDOWS], settings.sparsity, settings.pattern,
+            include=settings.include, exclude=settings.exclude,
+            batch_size=settings.batch_size, load_block=load_block, block_done=block_done)
+        times["forecast"] = time.perf_counter() - tic
     tic = time.perf_counter()
     records = prune_sequential(model, windows, pruner.prune_block, include=settings.include,
                                exclude=settings.exclude, batch_size=settings.batch_size,
@@ -103,5 +111,6 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
         "sparsity": overall_sparsity(records),
         "seconds": times,
         "budget_used": times["layers_steps"],
+        "block_forecast": {block: error for block, (error, _) in pruner.block_forecast.items()},
         "masks": pruner.masks,
     }
