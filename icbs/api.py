@@ -82,6 +82,9 @@ def prune_layer_by_layer(
     """
     tic = time.perf_counter()
     config = SequentialSettings(sparsity=sparsity, method=method, **settings)
+    if config.budget_share == "error+blocks":
+        raise ValueError("budget_share='error+blocks' forecasts the errors of an LLM's decoder "
+                         "blocks (icbs.llm.prune.prune_model); here use 'weights' or 'error'")
     pattern = parse_pattern(config.pattern)
     layers = find_prunable(model, config.include, config.exclude, pattern, config.sparsity,
                            grouped=True)

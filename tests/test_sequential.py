@@ -181,7 +181,8 @@ def test_a_failure_hands_the_model_back_unchanged(monkeypatch):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(method="obs"), "method"), (dict(pattern="3:2"), "pattern"),
     (dict(include=("nothing*",)), "no prunable layers"), (dict(budget_share="rows"),
-                                                          "budget_share")])
+                                                          "budget_share"),
+    (dict(budget_share="error+blocks"), "decoder blocks")])
 def test_bad_settings_are_refused_before_any_weight_changes(kwargs, message):
     model = ViT(dim=16, depth=1, heads=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
