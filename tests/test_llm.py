@@ -289,6 +289,26 @@ def test_cli_prune_saves_a_model_that_eval_reproduces(model_dir, text_file, tmp_
     assert torch.equal(weight != 0, masks["model.layers.1.mlp.down_proj"])
 
 
+def test_cli_prune_with_the_block_forecast_saves_each_block_once_pruned(model_dir, text_file,
+                                                                         tmp_path):
+    out = tmp_path / "pruned"
+    main(["prune", "--model", str(model_dir), "--method", "icbs", "--init", "sparsegpt",
+          "--objective", "refit", "--budget-share", "error+blocks", "--steps", "200",
+          "--dense-targets", "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64",
+          "--eval-text", str(text_file), "--max-tokens", "256", "--threads", "1",
+          "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["block_forecast"]) == ["model.layers.0.", "model.layers.1."]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    tensors = {k: v for f in files for k, v in load_file(str(out / f)).items()}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for t in tensors.values())
+    masks = load_file(str(out / "masks.safetensors"))
+    for name, mask in masks.items():  # every block saved after it was pruned
+        assert torch.equal(tensors[name + ".weight"] != 0, mask)
+
+
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(loaded):
     model, _ = loaded
     with torch.no_grad():

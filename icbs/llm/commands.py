@@ -267,7 +267,8 @@ def run_prune(args) -> None:
     try:
         report = prune_model(lazy.model, tokenizer, settings, args.calib,
                              layer_pruner=layer_pruner, progress=sys.stderr.isatty(),
-                             load_block=lazy.load_block, block_done=block_done)
+                             load_block=lazy.load_block, block_done=block_done,
+                             release_block=lazy.release_block)
     except Interrupted:
         print(f"stopped: {len(run.records)} layers are checkpointed in {run.work}; the same "
               f"command with --resume continues", file=sys.stderr)

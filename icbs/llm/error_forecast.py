@@ -21,15 +21,16 @@ def forecast_block_errors(model: torch.nn.Module, windows: torch.Tensor, sparsit
                           pattern: str, *, include: Sequence[str] = ("*",),
                           exclude: Sequence[str] = (), batch_size: int = 8,
                           load_block: Callable[[int], None] | None = None,
-                          block_done: Callable[[int], None] | None = None
+                          release_block: Callable[[int], None] | None = None
                           ) -> dict[str, tuple[float, int]]:
     """Decoder block prefix (e.g. "model.layers.3.") -> (forecast error, prunable weights).
 
     A layer's forecast is the output error of Wanda's mask without a refit under the
     diagonal of its input statistics: the sum of w_rc^2 mean(x_c^2) over the weights that
     the mask (the smallest |w_rc| ||x_c|| of each group of `pattern`) prunes, its inputs
-    those of the dense model on `windows`. `load_block` / `block_done`: as in
-    `prune_sequential` (each block is loaded once more for the forecast)."""
+    those of the dense model on `windows`. `load_block(index)` is called before block
+    `index` is used and `release_block(index)` after (a model held one block at a time,
+    `icbs.llm.lazy.LazyModel`: each block is read once more for the forecast)."""
     prefix, blocks = decoder_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], windows, batch_size)
     forecast = {}
@@ -49,6 +50,6 @@ def forecast_block_errors(model: torch.nn.Module, windows: torch.Tensor, sparsit
             error += float((weight.square() * mean_square)[pruned].sum())
         forecast[name + "."] = (error, sum(layer.weight.numel() for layer in layers.values()))
         inputs.hidden = outputs
-        if block_done is not None:
-            block_done(index)
+        if release_block is not None:
+            release_block(index)
     return forecast

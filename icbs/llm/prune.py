@@ -61,13 +61,16 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
                 calib_paths: Sequence[str] = (), progress: bool = False,
                 layer_pruner: Callable[[LLMPruneSettings, list], LayerPruner] = LayerPruner,
                 load_block: Callable[[int], None] | None = None,
-                block_done: Callable[[int], None] | None = None) -> dict:
+                block_done: Callable[[int], None] | None = None,
+                release_block: Callable[[int], None] | None = None) -> dict:
     """Prune `model` in place; returns the report (settings, per-layer records, times) with
     the masks under the key "masks" (name -> bool tensor). `layer_pruner(settings, shapes)`
     (shapes: every prunable layer's (rows, cols)) makes the layers' callback (a resumed run
     passes one that restores checkpointed layers and checkpoints new ones; a distributed run
     one with a Ray executor). `load_block` / `block_done`: see `prune_sequential` (a model
-    held one block at a time, `icbs.llm.lazy.LazyModel`)."""
+    held one block at a time, `icbs.llm.lazy.LazyModel`); `release_block(index)` drops
+    block `index` again after the dense pass of `budget_share="error+blocks"`'s forecast
+    (which must not call `block_done`: that one saves the pruned block)."""
     pattern = parse_pattern(settings.pattern)
     layers = prunable_layers(model, settings)
     if not layers:
@@ -91,7 +94,8 @@ def prune_model(model: nn.Module, tokenizer, settings: LLMPruneSettings,
         pruner.block_forecast = forecast_block_errors(
             model, windows[:FORECAST_WINDOWS], settings.sparsity, settings.pattern,
             include=settings.include, exclude=settings.exclude,
-            batch_size=settings.batch_size, load_block=load_block, block_done=block_done)
+            batch_size=settings.batch_size, load_block=load_block,
+            release_block=release_block)
         times["forecast"] = time.perf_counter() - tic
     tic = time.perf_counter()
     records = prune_sequential(model, windows, pruner.prune_block, include=settings.include,
